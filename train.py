@@ -1,0 +1,42 @@
+"""Fantasia3D-style text-to-3D: `python train.py --config X.json [--check] [key=value ...]`.
+
+Also under torchrun: `torchrun --nproc_per_node=N train.py --config X.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from config import ConfigError, check_files, load_config, write_json_atomic
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Text-to-3D with DMTet geometry and PBR appearance by score distillation.",
+        epilog="Overrides: key=value after --config win over the file; values are JSON when they "
+               "parse as JSON (batch=4, train_res=[256,256], validate=false), else strings.")
+    parser.add_argument("--config", required=True, help="JSON config (published Fantasia3D keys accepted)")
+    parser.add_argument("--check", action="store_true",
+                        help="validate, print the resolved config as JSON and exit (no GPU, no network)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_files(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    import trainer  # heavy imports (torch, diffusers) only when training
+    return trainer.run(cfg, config_path=args.config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
