@@ -1,0 +1,336 @@
+"""DMTet: tetrahedral grids, differentiable marching tetrahedra and the SDF/deformation geometry.
+
+Sign convention: sdf < 0 is inside the surface, sdf >= 0 outside. Extracted triangles are wound
+counter-clockwise seen from outside, i.e. their normals (v1 - v0) x (v2 - v0) point outward.
+
+Tet grids are generated here (no shipped binaries): a regular grid with res/2 cells per axis, each
+cube split into 6 tetrahedra along its main diagonal (Kuhn / Freudenthal triangulation). Because
+every cube uses the same diagonal and the same axis-permutation split, neighbouring cubes split
+their shared face along the same diagonal, so the tetrahedralization is conforming.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from geometry.hashgrid import HashGridOptions
+from geometry.sdf_net import SDFNetwork
+
+log = logging.getLogger(__name__)
+
+# Resolved from this file, not the CWD, so every entry point shares one cache.
+TET_CACHE_DIR = Path(__file__).resolve().parent.parent / "data" / "tets"
+_TET_CACHE_VERSION = 1
+
+# The 6 edges of a tetrahedron as pairs of local vertex ids; local edge id = position in this list.
+TET_EDGES = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
+
+
+class TetGridError(ValueError):
+    """Invalid tet-grid request (resolution)."""
+
+
+class EmptyMeshError(RuntimeError):
+    """Marching tets produced no triangles: the SDF has no zero crossing inside the grid."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Tet grid
+# ----------------------------------------------------------------------------------------------
+
+def _kuhn_cube_tets() -> np.ndarray:
+    """[6, 4, 3] int corner offsets of the 6 Kuhn tets of the unit cube, all positively oriented."""
+    tets = []
+    for perm in itertools.permutations(range(3)):
+        corner = np.zeros(3, dtype=np.int64)
+        path = [corner.copy()]
+        for axis in perm:  # walk from (0,0,0) to (1,1,1) adding one axis at a time
+            corner[axis] += 1
+            path.append(corner.copy())
+        tet = np.stack(path)  # [4, 3]
+        if np.linalg.det((tet[1:] - tet[0]).astype(np.float64)) < 0:
+            tet[[1, 2]] = tet[[2, 1]]  # odd permutation: swap two vertices to fix the orientation
+        tets.append(tet)
+    return np.stack(tets)
+
+
+def _build_tet_grid(res: int) -> tuple[np.ndarray, np.ndarray]:
+    n = res // 2  # cells per axis
+    coords = np.linspace(-0.5, 0.5, n + 1, dtype=np.float64)
+    gi, gj, gk = np.meshgrid(coords, coords, coords, indexing="ij")
+    verts_vx3 = np.stack([gi, gj, gk], axis=-1).reshape(-1, 3).astype(np.float32)
+
+    # Vertex id of lattice point (i, j, k) is i*(n+1)^2 + j*(n+1) + k (matches the meshgrid order).
+    stride = np.array([(n + 1) ** 2, n + 1, 1], dtype=np.int64)
+    cell = np.arange(n, dtype=np.int64)
+    ci, cj, ck = np.meshgrid(cell, cell, cell, indexing="ij")
+    cube_base_c = (np.stack([ci, cj, ck], axis=-1).reshape(-1, 3) @ stride)  # [C]
+    corner_off_6x4 = _kuhn_cube_tets() @ stride  # [6, 4]
+    tets_tx4 = (cube_base_c[:, None, None] + corner_off_6x4[None]).reshape(-1, 4)
+    return verts_vx3, tets_tx4
+
+
+def _check_res(res: int) -> None:
+    if isinstance(res, bool) or not isinstance(res, (int, np.integer)) or res < 2 or res % 2:
+        raise TetGridError(
+            f"tet_grid: argument 'res' (dmtet_grid) must be an even integer >= 2 "
+            f"(the grid has res/2 cells per axis); got {res!r}")
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object keeps numpy from appending ".npz"
+            np.savez(f, **arrays)
+        os.replace(tmp, path)  # atomic: concurrent readers see the old file or the whole new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tet_grid(res: int, cache_dir: Path | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Tetrahedral grid named by `dmtet_grid` = res.
+
+    Returns (verts [V, 3] float32 in [-0.5, 0.5]^3, tets [T, 4] int64) with V = (res/2 + 1)^3 and
+    T = 6 (res/2)^3, every tet positively oriented (det[v1-v0, v2-v0, v3-v0] > 0). Cached as
+    `data/tets/kuhn_<res>.npz` (or under `cache_dir`); generated vectorized on a miss.
+    """
+    _check_res(res)
+    cache = Path(cache_dir) if cache_dir is not None else TET_CACHE_DIR
+    path = cache / f"kuhn_v{_TET_CACHE_VERSION}_{res}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as data:
+                return data["verts"], data["tets"].astype(np.int64)
+        except (OSError, KeyError, ValueError) as err:  # corrupt or foreign file: rebuild it
+            log.warning("tet grid cache %s unreadable (%s); regenerating", path, err)
+    verts, tets = _build_tet_grid(int(res))
+    # int32 on disk halves the file (res 256: 12.6M tets); indices are < 2^31 for any sane res.
+    _atomic_save_npz(path, verts=verts, tets=tets.astype(np.int32))
+    return verts, tets
+
+
+def tet_edges(tets_tx4: torch.Tensor) -> torch.Tensor:
+    """Unique undirected edges of a tet mesh: [E, 2] int64, each row sorted (a < b)."""
+    edges = tets_tx4[:, list(itertools.chain.from_iterable(TET_EDGES))].reshape(-1, 2)
+    edges = torch.sort(edges, dim=1).values
+    return torch.unique(edges, dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Marching tets
+# ----------------------------------------------------------------------------------------------
+
+def _orient_outward(tri: list[int], inside: list[int], outside: list[int]) -> list[int]:
+    """Order a triangle of local edge ids so its normal points from inside to outside vertices.
+
+    Evaluated on the reference tet (origin + unit axes, positively oriented) with edge midpoints.
+    Any positively oriented tet is an orientation-preserving affine image of it, and moving the
+    crossing points along their edges keeps them separating the same vertices, so the winding
+    found here is valid for every tet of a positively oriented grid.
+    """
+    ref = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.float64)
+    mid = np.array([(ref[a] + ref[b]) / 2 for a, b in TET_EDGES])
+    p0, p1, p2 = mid[tri]
+    normal = np.cross(p1 - p0, p2 - p0)
+    direction = ref[outside].mean(0) - ref[inside].mean(0)
+    return tri if normal @ direction > 0 else [tri[0], tri[2], tri[1]]
+
+
+def _triangle_table() -> tuple[torch.Tensor, torch.Tensor]:
+    """(table [16, 2, 3] local edge ids (-1 unused), num_tris [16]) indexed by the inside bitmask."""
+    edge_id = {pair: i for i, pair in enumerate(TET_EDGES)}
+    table = -np.ones((16, 2, 3), dtype=np.int64)
+    num = np.zeros(16, dtype=np.int64)
+    for code in range(16):
+        inside = [v for v in range(4) if code >> v & 1]
+        outside = [v for v in range(4) if not code >> v & 1]
+        crossing = lambda a, b: edge_id[(min(a, b), max(a, b))]  # noqa: E731
+        if len(inside) in (1, 3):
+            lone, others = (inside[0], outside) if len(inside) == 1 else (outside[0], inside)
+            tris = [[crossing(lone, o) for o in others]]
+        elif len(inside) == 2:
+            (a, b), (c, d) = inside, outside
+            quad = [crossing(a, c), crossing(a, d), crossing(b, d), crossing(b, c)]  # a cycle
+            tris = [[quad[0], quad[1], quad[2]], [quad[0], quad[2], quad[3]]]
+        else:
+            tris = []
+        for t, tri in enumerate(tris):
+            table[code, t] = _orient_outward(tri, inside, outside)
+        num[code] = len(tris)
+    return torch.from_numpy(table), torch.from_numpy(num)
+
+
+_TRI_TABLE, _NUM_TRIS = _triangle_table()
+
+
+def marching_tets(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Extract the sdf = 0 surface of a tet mesh.
+
+    Returns (verts [Nv, 3], faces [Nf, 3] int64); empty tensors when there is no crossing. The
+    topology is computed without gradients; each output vertex lies on one grid edge (a, b) with
+    sdf of opposite signs, at v = (p_a * (-s_b) + p_b * s_a) / (s_a - s_b), differentiable w.r.t.
+    both `verts_vx3` and `sdf_v`. Output vertices are shared by all triangles using the same grid
+    edge, so a closed zero set gives a watertight mesh; faces wind outward (sdf < 0 inside).
+    """
+    _check_marching_inputs(verts_vx3, sdf_v, tets_tx4)
+    device = verts_vx3.device
+    with torch.no_grad():
+        inside_v = sdf_v < 0  # [V]
+        bits = torch.tensor([1, 2, 4, 8], device=device)
+        code_t = (inside_v[tets_tx4].long() * bits).sum(1)  # [T]
+        active = (code_t > 0) & (code_t < 15)
+        act_tets = tets_tx4[active]  # [Ta, 4]
+        act_code = code_t[active]  # [Ta]
+
+        local = torch.tensor(TET_EDGES, device=device)  # [6, 2]
+        edges = torch.sort(act_tets[:, local], dim=2).values.reshape(-1, 2)  # [Ta*6, 2]
+        n_verts = verts_vx3.shape[0]
+        keys = edges[:, 0] * n_verts + edges[:, 1]  # unique per undirected edge
+        uniq_keys, inverse = torch.unique(keys, return_inverse=True)
+        ua, ub = uniq_keys // n_verts, uniq_keys % n_verts
+        crossing = inside_v[ua] != inside_v[ub]
+        new_id = torch.cumsum(crossing.long(), 0) - 1  # dedup: one output vertex per grid edge
+        new_id = torch.where(crossing, new_id, torch.full_like(new_id, -1))
+        edge_to_vert = new_id[inverse].reshape(-1, 6)  # [Ta, 6]
+        ia, ib = ua[crossing], ub[crossing]
+
+        table = _TRI_TABLE.to(device)[act_code]  # [Ta, 2, 3]
+        num = _NUM_TRIS.to(device)[act_code]  # [Ta]
+        faces = []
+        for t in range(2):
+            has = num > t
+            faces.append(torch.gather(edge_to_vert[has], 1, table[has, t]))
+        faces_fx3 = torch.cat(faces, 0)
+
+    s_a, s_b = sdf_v[ia][:, None], sdf_v[ib][:, None]
+    p_a, p_b = verts_vx3[ia], verts_vx3[ib]
+    # s_a and s_b have opposite signs (one < 0, one >= 0), so the denominator is never zero.
+    out_verts = (p_a * (-s_b) + p_b * s_a) / (s_a - s_b)
+    return out_verts, faces_fx3
+
+
+def _check_marching_inputs(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
+                           ) -> None:
+    if verts_vx3.ndim != 2 or verts_vx3.shape[1] != 3:
+        raise ValueError(f"marching_tets: 'verts' must be [V, 3]; got {tuple(verts_vx3.shape)}")
+    if sdf_v.shape != verts_vx3.shape[:1]:
+        raise ValueError(f"marching_tets: 'sdf' must be [V] = [{verts_vx3.shape[0]}]; "
+                         f"got {tuple(sdf_v.shape)}")
+    if tets_tx4.ndim != 2 or tets_tx4.shape[1] != 4 or tets_tx4.dtype != torch.int64:
+        raise ValueError(f"marching_tets: 'tets' must be [T, 4] int64; "
+                         f"got {tuple(tets_tx4.shape)} {tets_tx4.dtype}")
+    n_bad = int((~torch.isfinite(sdf_v.detach())).sum())
+    if n_bad:
+        raise ValueError(f"marching_tets: 'sdf' has {n_bad} non-finite values of {sdf_v.numel()}; "
+                         "the SDF network diverged (check the learning rate and loss scaling)")
+
+
+# ----------------------------------------------------------------------------------------------
+# SDF regularizer
+# ----------------------------------------------------------------------------------------------
+
+def sdf_sign_change_loss(sdf_v: torch.Tensor, edges_ex2: torch.Tensor) -> torch.Tensor:
+    """nvdiffrec's SDF regularizer: BCE-with-logits on tet edges whose endpoints change sign.
+
+    For each crossing edge (a, b), s_a is pushed towards the sign of s_b and vice versa, which
+    discourages floaters and spurious sign flips. Symmetric under sdf -> -sdf, so it does not care
+    about the inside sign. Returns a scalar; zero (still attached to the graph) without crossings.
+    """
+    s = sdf_v[edges_ex2.reshape(-1)].reshape(-1, 2)
+    crossing = torch.sign(s[:, 0]) != torch.sign(s[:, 1])
+    s = s[crossing]
+    if s.shape[0] == 0:
+        return sdf_v.sum() * 0.0
+    bce = nn.functional.binary_cross_entropy_with_logits
+    return (bce(s[:, 0], (s[:, 1] > 0).to(s.dtype)) + bce(s[:, 1], (s[:, 0] > 0).to(s.dtype)))
+
+
+# ----------------------------------------------------------------------------------------------
+# DMTet geometry
+# ----------------------------------------------------------------------------------------------
+
+class DMTetGeometry(nn.Module):
+    """SDF + deformation on a tet grid, both predicted by a hash-grid MLP (DESIGN.md 4).
+
+    vertices = grid * mesh_scale + (1 / grid_res) * tanh(deform); the network is evaluated at the
+    undeformed grid vertices, normalized to the grid's AABB [-0.5, 0.5]^3 * mesh_scale.
+    """
+
+    def __init__(self, grid_res: int, mesh_scale: float, encoder_opts: HashGridOptions | None = None,
+                 backend: str = "auto", device: torch.device | str = "cpu",
+                 cache_dir: Path | str | None = None) -> None:
+        super().__init__()
+        if not (isinstance(mesh_scale, (int, float)) and math.isfinite(mesh_scale) and mesh_scale > 0):
+            raise ValueError(f"DMTetGeometry: 'mesh_scale' must be a positive finite number; "
+                             f"got {mesh_scale!r}")
+        self.grid_res = int(grid_res)
+        self.mesh_scale = float(mesh_scale)
+        verts, tets = tet_grid(grid_res, cache_dir)
+        device = torch.device(device)
+        self.register_buffer("grid_verts", torch.from_numpy(verts).to(device) * self.mesh_scale)
+        self.register_buffer("tets", torch.from_numpy(tets).to(device))
+        self.register_buffer("edges", tet_edges(self.tets))
+        half = 0.5 * self.mesh_scale
+        aabb_2x3 = torch.tensor([[-half] * 3, [half] * 3], dtype=torch.float32, device=device)
+        self.sdf_net = SDFNetwork(aabb_2x3, encoder_opts, backend=backend)
+
+    @property
+    def aabb(self) -> torch.Tensor:
+        """[2, 3] min/max corner of the tet grid box."""
+        return self.sdf_net.encoder.aabb
+
+    def sdf_and_deform(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sdf [V], deform [V, 3]) predicted at the undeformed grid vertices."""
+        return self.sdf_net(self.grid_verts)
+
+    def deformed_verts(self, deform_vx3: torch.Tensor) -> torch.Tensor:
+        return self.grid_verts + torch.tanh(deform_vx3) / self.grid_res
+
+    def extract_with_sdf(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(verts [Nv, 3], faces [Nf, 3] int64, sdf [V]); raises EmptyMeshError without triangles."""
+        sdf, deform = self.sdf_and_deform()
+        verts, faces = marching_tets(self.deformed_verts(deform), sdf, self.tets)
+        if faces.shape[0] == 0:
+            raise EmptyMeshError(_empty_mesh_message(sdf.detach(), self.grid_res, self.mesh_scale))
+        return verts, faces, sdf
+
+    def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
+        verts, faces, _ = self.extract_with_sdf()
+        return verts, faces
+
+    def sdf_reg_loss(self, sdf_v: torch.Tensor) -> torch.Tensor:
+        return sdf_sign_change_loss(sdf_v, self.edges)
+
+    def mesh(self, with_normals: bool = True):
+        """The current surface as a render.mesh.Mesh (area-weighted vertex normals by default)."""
+        from render.mesh import Mesh, compute_vertex_normals  # geometry/ -> render/ is allowed
+
+        verts, faces = self.extract()
+        m = Mesh(v_pos=verts, t_pos_idx=faces, v_nrm=None, t_nrm_idx=None, v_tex=None,
+                 t_tex_idx=None, v_tng=None, t_tng_idx=None, material=None)
+        return compute_vertex_normals(m) if with_normals else m
+
+
+def _empty_mesh_message(sdf_v: torch.Tensor, grid_res: int, mesh_scale: float) -> str:
+    lo, hi = float(sdf_v.min()), float(sdf_v.max())
+    if lo >= 0:
+        state = f"every grid vertex is outside (sdf >= 0, min {lo:.4g}): the shape vanished"
+    else:
+        state = f"every grid vertex is inside (sdf < 0, max {hi:.4g}): the shape fills the grid"
+    return (f"marching tets produced no triangles on the dmtet_grid={grid_res} grid "
+            f"(mesh_scale={mesh_scale}): {state}. Likely fixes: lower 'guidance_weight' (SDS too "
+            "strong destroys the shape early); check that 'sdf_init_shape_scale', 'translation_y' "
+            "and 'translation_z' put the initial shape inside the grid box [-0.5, 0.5]^3 * "
+            "mesh_scale and that 'mesh_scale' is large enough to contain it; make sure the SDF "
+            "pretraining ran (coarse_iter > 0).")

@@ -1,0 +1,276 @@
+"""Multi-resolution hash-grid encoding (instant-ngp), used by the SDF and material networks.
+
+DESIGN.md 4: 16 levels x 2 features, table 2^19 entries per level, base resolution 16, finest
+4096, per-level scale b = exp(ln(4096/16)/15). Level l has resolution N_l = floor(16 * b^l) cells
+per axis (N_l + 1 lattice points); inputs are normalized to the AABB and clamped to [0, 1].
+Levels whose dense lattice (N_l + 1)^3 fits in the table index it directly; finer levels use the
+instant-ngp spatial hash (x*1 xor y*2654435761 xor z*805459861) mod 2^log2_hashmap_size.
+Features are trilinearly interpolated and concatenated level by level: [N, 3] -> [N, L*F].
+
+Backends (same parameter layout, so they can be compared on shared weights):
+- "torch":  readable reference, any device, autograd for table and inputs;
+- "triton": fused kernel (geometry/hashgrid_triton.py), the CUDA default;
+- "tcnn":   tiny-cuda-nn's HashGrid, only when installed and explicitly requested.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PRIMES = (1, 2654435761, 805459861)
+BACKENDS = ("auto", "torch", "triton", "tcnn")
+
+
+class HashGridBackendError(RuntimeError):
+    """The requested hash-grid backend cannot run here (missing package or device)."""
+
+
+@dataclass(frozen=True)
+class HashGridOptions:
+    n_levels: int = 16
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 19
+    base_resolution: int = 16
+    finest_resolution: int = 4096
+    init_scale: float = 1e-4  # table ~ U(-init_scale, init_scale), as tiny-cuda-nn
+
+    def __post_init__(self) -> None:
+        for name in ("n_levels", "n_features_per_level", "log2_hashmap_size", "base_resolution",
+                     "finest_resolution"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"HashGridOptions.{name}: expected a positive int; got {value!r}")
+        if self.finest_resolution < self.base_resolution:
+            raise ValueError(f"HashGridOptions.finest_resolution: expected >= base_resolution "
+                             f"({self.base_resolution}); got {self.finest_resolution}")
+        if self.log2_hashmap_size > 30:
+            raise ValueError(f"HashGridOptions.log2_hashmap_size: expected <= 30; "
+                             f"got {self.log2_hashmap_size}")
+
+    @property
+    def per_level_scale(self) -> float:
+        if self.n_levels == 1:
+            return 1.0
+        return math.exp(math.log(self.finest_resolution / self.base_resolution) / (self.n_levels - 1))
+
+    @property
+    def output_dim(self) -> int:
+        return self.n_levels * self.n_features_per_level
+
+    def level_resolutions(self) -> list[int]:
+        """Cells per axis N_l = floor(base * b^l); the 1e-6 guards 4095.9999 -> 4096 round-off."""
+        b = self.per_level_scale
+        return [int(math.floor(self.base_resolution * b ** lvl * (1 + 1e-9) + 1e-6))
+                for lvl in range(self.n_levels)]
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where each level lives in the flat parameter table [rows, F]."""
+    resolutions: tuple[int, ...]
+    sizes: tuple[int, ...]  # rows per level
+    offsets: tuple[int, ...]  # first row per level
+    dense: tuple[bool, ...]
+    hash_size: int
+    rows: int = field(default=0)
+
+    @staticmethod
+    def from_options(opts: HashGridOptions) -> "GridLayout":
+        hash_size = 2 ** opts.log2_hashmap_size
+        res = opts.level_resolutions()
+        dense = tuple((n + 1) ** 3 <= hash_size for n in res)
+        sizes = tuple((n + 1) ** 3 if d else hash_size for n, d in zip(res, dense))
+        offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
+        return GridLayout(tuple(res), sizes, offsets, dense, hash_size, sum(sizes))
+
+
+def normalize_to_aabb(x_nx3: torch.Tensor, aabb_2x3: torch.Tensor) -> torch.Tensor:
+    """Map points to [0, 1]^3 inside the AABB; outside points are clamped (zero input gradient)."""
+    return ((x_nx3 - aabb_2x3[0]) / (aabb_2x3[1] - aabb_2x3[0])).clamp(0.0, 1.0)
+
+
+def _corner_offsets(device: torch.device) -> torch.Tensor:
+    """[8, 3] corner c has offsets (c & 1, c >> 1 & 1, c >> 2 & 1): the order the kernel uses."""
+    c = torch.arange(8, device=device)
+    return torch.stack([c & 1, c >> 1 & 1, c >> 2 & 1], dim=1)
+
+
+def grid_index(ijk_nx3: torch.Tensor, res: int, dense: bool, hash_size: int) -> torch.Tensor:
+    """Row within one level of integer lattice points [..., 3] int64."""
+    i, j, k = ijk_nx3.unbind(-1)
+    if dense:
+        return i + j * (res + 1) + k * (res + 1) ** 2
+    # int64 products keep the low 32 bits exact, so masking equals the uint32 hash mod 2^log2.
+    h = (i * PRIMES[0]) ^ (j * PRIMES[1]) ^ (k * PRIMES[2])
+    return h & (hash_size - 1)
+
+
+def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: GridLayout
+                      ) -> torch.Tensor:
+    """Reference encoding of normalized points [N, 3] in [0, 1] -> [N, L*F]; differentiable in both.
+
+    The corner loop order and arithmetic mirror the Triton kernel so the two agree to rounding.
+    """
+    corners = _corner_offsets(x01_nx3.device)
+    outs = []
+    for lvl, res in enumerate(layout.resolutions):
+        pos = x01_nx3 * float(res)  # [N, 3] lattice coordinates
+        # Clamp the cell so x = 1 interpolates inside the last cell (weight 1 on its far corner).
+        cell = torch.clamp(torch.floor(pos), max=float(res - 1)).detach()
+        frac = pos - cell  # d frac / d pos = 1: carries the input gradient
+        cell_i = cell.long()
+        acc = None
+        for c in range(8):
+            off = corners[c]
+            w3 = torch.where(off.bool(), frac, 1.0 - frac)  # [N, 3]
+            w = w3[:, 0] * w3[:, 1] * w3[:, 2]
+            rows = grid_index(cell_i + off, res, layout.dense[lvl], layout.hash_size)
+            term = w[:, None] * table_rxf[rows + layout.offsets[lvl]]  # [N, F]
+            acc = term if acc is None else acc + term
+        outs.append(acc)
+    return torch.cat(outs, dim=1)
+
+
+class HashGridEncoder(nn.Module):
+    """Shared state of the table-owning backends: options, layout, AABB and the table [rows, F]."""
+
+    backend = "torch"
+
+    def __init__(self, aabb_2x3: torch.Tensor, opts: HashGridOptions) -> None:
+        super().__init__()
+        _check_aabb(aabb_2x3)
+        self.opts = opts
+        self.layout = GridLayout.from_options(opts)
+        self.register_buffer("aabb", aabb_2x3.detach().to(torch.float32).clone())
+        table = torch.empty(self.layout.rows, opts.n_features_per_level, device=aabb_2x3.device)
+        self.table = nn.Parameter(table.uniform_(-opts.init_scale, opts.init_scale))
+
+    @property
+    def output_dim(self) -> int:
+        return self.opts.output_dim
+
+    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
+        _check_points(x_nx3)
+        x01 = normalize_to_aabb(x_nx3, self.aabb.to(x_nx3.dtype))
+        return hash_encode_torch(x01, self.table.to(x_nx3.dtype), self.layout)
+
+
+class TritonHashGridEncoder(HashGridEncoder):
+    """Same parameters as the reference; forward/backward by the fused Triton kernel."""
+
+    backend = "triton"
+
+    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
+        from geometry.hashgrid_triton import hash_encode_triton
+
+        _check_points(x_nx3)
+        _check_triton_device(x_nx3.device)
+        return hash_encode_triton(x_nx3, self.table, self.aabb, self.layout)
+
+
+class TcnnHashGridEncoder(nn.Module):
+    """tiny-cuda-nn HashGrid. Its lattice convention (scale - 1, +0.5 offset) differs slightly
+    from the reference, so weights are not interchangeable with the other backends."""
+
+    backend = "tcnn"
+
+    def __init__(self, aabb_2x3: torch.Tensor, opts: HashGridOptions) -> None:
+        super().__init__()
+        import tinycudann as tcnn  # availability checked by make_encoder
+
+        _check_aabb(aabb_2x3)
+        self.opts = opts
+        self.register_buffer("aabb", aabb_2x3.detach().to(torch.float32).clone())
+        self.encoding = tcnn.Encoding(3, {
+            "otype": "HashGrid", "n_levels": opts.n_levels,
+            "n_features_per_level": opts.n_features_per_level,
+            "log2_hashmap_size": opts.log2_hashmap_size,
+            "base_resolution": opts.base_resolution, "per_level_scale": opts.per_level_scale})
+
+    @property
+    def output_dim(self) -> int:
+        return self.opts.output_dim
+
+    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
+        _check_points(x_nx3)
+        return self.encoding(normalize_to_aabb(x_nx3, self.aabb)).float()  # tcnn returns fp16
+
+
+def make_encoder(aabb_2x3: torch.Tensor, opts: HashGridOptions | None = None,
+                 backend: str = "auto") -> nn.Module:
+    """Hash-grid encoder [N, 3] -> [N, opts.output_dim] on aabb's device; `.backend` says which.
+
+    "auto": "triton" when the AABB is on CUDA and triton imports, else "torch". An explicitly
+    requested backend that cannot run raises HashGridBackendError; there is no silent fallback.
+    """
+    opts = opts or HashGridOptions()
+    if backend not in BACKENDS:
+        raise ValueError(f"make_encoder: 'backend' must be one of {BACKENDS}; got {backend!r}")
+    device = aabb_2x3.device
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_unavailable_reason() is None else "torch"
+    if backend == "torch":
+        return HashGridEncoder(aabb_2x3, opts)
+    if backend == "triton":
+        reason = triton_unavailable_reason()
+        if reason:
+            raise HashGridBackendError(f"hash-grid backend 'triton' requested but {reason}; "
+                                       "install triton or use backend='torch'")
+        _check_triton_device(device)
+        if opts.n_features_per_level & (opts.n_features_per_level - 1):
+            raise HashGridBackendError(
+                f"hash-grid backend 'triton' needs n_features_per_level to be a power of two; "
+                f"got {opts.n_features_per_level}")
+        return TritonHashGridEncoder(aabb_2x3, opts)
+    reason = tcnn_unavailable_reason(device)
+    if reason:
+        raise HashGridBackendError(f"hash-grid backend 'tcnn' requested but {reason}; "
+                                   "use backend='triton' or 'torch'")
+    return TcnnHashGridEncoder(aabb_2x3, opts)
+
+
+def triton_unavailable_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    return None
+
+
+def triton_interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tcnn_unavailable_reason(device: torch.device) -> str | None:
+    try:
+        import tinycudann  # noqa: F401
+    except ImportError as err:
+        return f"tiny-cuda-nn is not installed ({err})"
+    if device.type != "cuda":
+        return f"tiny-cuda-nn runs on CUDA only and the AABB is on {device}"
+    return None
+
+
+def _check_triton_device(device: torch.device) -> None:
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreter_active()):
+        return
+    raise HashGridBackendError(
+        f"hash-grid backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing); "
+        f"got device {device}")
+
+
+def _check_aabb(aabb_2x3: torch.Tensor) -> None:
+    if aabb_2x3.shape != (2, 3):
+        raise ValueError(f"hash grid: 'aabb' must be [2, 3] (min, max); got {tuple(aabb_2x3.shape)}")
+    if not bool(torch.isfinite(aabb_2x3).all()) or not bool((aabb_2x3[1] > aabb_2x3[0]).all()):
+        raise ValueError(f"hash grid: 'aabb' must be finite with max > min per axis; "
+                         f"got {aabb_2x3.tolist()}")
+
+
+def _check_points(x_nx3: torch.Tensor) -> None:
+    if x_nx3.ndim != 2 or x_nx3.shape[1] != 3:
+        raise ValueError(f"hash grid: input must be [N, 3]; got {tuple(x_nx3.shape)}")

@@ -1,0 +1,204 @@
+"""Fused Triton kernels for the hash-grid encoding (forward, backward to table and inputs).
+
+Mirrors `geometry.hashgrid.hash_encode_torch` operation by operation (normalization, clamped
+cell, corner order, weight products), so values agree to fp32 rounding. One program handles
+BLOCK points and loops over all levels, which keeps the input gradient a plain store (no atomics);
+the table gradient uses atomic adds because many points share a row.
+
+Imported lazily (only when the triton backend is used): `@triton.jit` decides between compiled
+and interpreted mode at import time from TRITON_INTERPRET.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from geometry.hashgrid import PRIMES, GridLayout
+
+_P1: tl.constexpr = tl.constexpr(PRIMES[1])
+_P2: tl.constexpr = tl.constexpr(PRIMES[2])
+BLOCK = 128
+
+
+@triton.jit
+def _level_rows(cx, cy, cz, res_i, dense, level_off, HASH_MASK: tl.constexpr):
+    """int64 table rows of lattice points (cx, cy, cz) (int64) on one level."""
+    stride = (res_i + 1).to(tl.int64)
+    dense_row = cx + cy * stride + cz * stride * stride
+    # Low 32 bits of the int64 products equal the uint32 instant-ngp hash; the mask keeps < 2^30.
+    hashed = (cx ^ (cy * _P1) ^ (cz * _P2)) & HASH_MASK
+    return tl.where(dense != 0, dense_row, hashed) + level_off
+
+
+@triton.jit
+def _normalized(x_ptr, n, mask, lo_ptr, hi_ptr, axis: tl.constexpr):
+    """Point coordinate `axis` mapped to [0, 1] in the AABB; also whether it was inside (grad mask)."""
+    x = tl.load(x_ptr + n * 3 + axis, mask=mask, other=0.0)
+    lo = tl.load(lo_ptr + axis)
+    hi = tl.load(hi_ptr + axis)
+    ext = hi - lo
+    t = (x - lo) / ext
+    inside = (t >= 0.0) & (t <= 1.0)
+    return tl.minimum(tl.maximum(t, 0.0), 1.0), inside, ext
+
+
+@triton.jit
+def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_ptr, off_ptr, N,
+                     L: tl.constexpr, F: tl.constexpr, HASH_MASK: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    n64 = n.to(tl.int64)
+    fr = tl.arange(0, F)
+    tx, _ix, _ex = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 0)
+    ty, _iy, _ey = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 1)
+    tz, _iz, _ez = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 2)
+    for lvl in range(L):
+        res_i = tl.load(res_ptr + lvl)
+        res = res_i.to(tl.float32)
+        dense = tl.load(dense_ptr + lvl)
+        level_off = tl.load(off_ptr + lvl)
+        px, py, pz = tx * res, ty * res, tz * res
+        fx0 = tl.minimum(tl.floor(px), res - 1.0)
+        fy0 = tl.minimum(tl.floor(py), res - 1.0)
+        fz0 = tl.minimum(tl.floor(pz), res - 1.0)
+        fx, fy, fz = px - fx0, py - fy0, pz - fz0
+        x0, y0, z0 = fx0.to(tl.int64), fy0.to(tl.int64), fz0.to(tl.int64)
+        acc = tl.zeros((BLOCK, F), dtype=tl.float32)
+        for c in tl.static_range(8):
+            ox: tl.constexpr = c & 1
+            oy: tl.constexpr = (c >> 1) & 1
+            oz: tl.constexpr = (c >> 2) & 1
+            wx = fx if ox == 1 else 1.0 - fx
+            wy = fy if oy == 1 else 1.0 - fy
+            wz = fz if oz == 1 else 1.0 - fz
+            w = wx * wy * wz
+            rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
+            feat = tl.load(table_ptr + rows[:, None] * F + fr[None, :], mask=mask[:, None], other=0.0)
+            acc += w[:, None] * feat
+        tl.store(out_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], acc, mask=mask[:, None])
+
+
+@triton.jit
+def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_ptr, res_ptr,
+                     dense_ptr, off_ptr, N, L: tl.constexpr, F: tl.constexpr,
+                     HASH_MASK: tl.constexpr, NEED_TABLE: tl.constexpr, NEED_X: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    n64 = n.to(tl.int64)
+    fr = tl.arange(0, F)
+    tx, in_x, ex = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 0)
+    ty, in_y, ey = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 1)
+    tz, in_z, ez = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 2)
+    gx = tl.zeros((BLOCK,), dtype=tl.float32)
+    gy = tl.zeros((BLOCK,), dtype=tl.float32)
+    gz = tl.zeros((BLOCK,), dtype=tl.float32)
+    for lvl in range(L):
+        res_i = tl.load(res_ptr + lvl)
+        res = res_i.to(tl.float32)
+        dense = tl.load(dense_ptr + lvl)
+        level_off = tl.load(off_ptr + lvl)
+        px, py, pz = tx * res, ty * res, tz * res
+        fx0 = tl.minimum(tl.floor(px), res - 1.0)
+        fy0 = tl.minimum(tl.floor(py), res - 1.0)
+        fz0 = tl.minimum(tl.floor(pz), res - 1.0)
+        fx, fy, fz = px - fx0, py - fy0, pz - fz0
+        x0, y0, z0 = fx0.to(tl.int64), fy0.to(tl.int64), fz0.to(tl.int64)
+        g = tl.load(gout_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], mask=mask[:, None],
+                    other=0.0)  # [BLOCK, F]
+        lgx = tl.zeros((BLOCK,), dtype=tl.float32)
+        lgy = tl.zeros((BLOCK,), dtype=tl.float32)
+        lgz = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in tl.static_range(8):
+            ox: tl.constexpr = c & 1
+            oy: tl.constexpr = (c >> 1) & 1
+            oz: tl.constexpr = (c >> 2) & 1
+            wx = fx if ox == 1 else 1.0 - fx
+            wy = fy if oy == 1 else 1.0 - fy
+            wz = fz if oz == 1 else 1.0 - fz
+            rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
+            ptrs = rows[:, None] * F + fr[None, :]
+            if NEED_TABLE:
+                w = wx * wy * wz
+                tl.atomic_add(gtable_ptr + ptrs, w[:, None] * g, mask=mask[:, None])
+            if NEED_X:
+                feat = tl.load(table_ptr + ptrs, mask=mask[:, None], other=0.0)
+                dot = tl.sum(feat * g, axis=1)  # dL/dw for this corner
+                # d wx / d fx = +1 for the far corner, -1 for the near one (same for y, z).
+                sx = 1.0 if ox == 1 else -1.0
+                sy = 1.0 if oy == 1 else -1.0
+                sz = 1.0 if oz == 1 else -1.0
+                lgx += dot * (sx * wy * wz)
+                lgy += dot * (wx * sy * wz)
+                lgz += dot * (wx * wy * sz)
+        gx += lgx * res  # d pos / d t = res
+        gy += lgy * res
+        gz += lgz * res
+    if NEED_X:
+        # d t / d x = 1 / extent inside the AABB, 0 where the clamp was active (as torch.clamp).
+        gx = tl.where(in_x, gx / ex, 0.0)
+        gy = tl.where(in_y, gy / ey, 0.0)
+        gz = tl.where(in_z, gz / ez, 0.0)
+        tl.store(gx_ptr + n64 * 3 + 0, gx, mask=mask)
+        tl.store(gx_ptr + n64 * 3 + 1, gy, mask=mask)
+        tl.store(gx_ptr + n64 * 3 + 2, gz, mask=mask)
+
+
+def _layout_tensors(layout: GridLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    res = torch.tensor(layout.resolutions, dtype=torch.int32, device=device)
+    dense = torch.tensor([int(d) for d in layout.dense], dtype=torch.int32, device=device)
+    off = torch.tensor(layout.offsets, dtype=torch.int64, device=device)
+    return res, dense, off
+
+
+class _HashEncodeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_nx3: torch.Tensor, table_rxf: torch.Tensor, aabb_2x3: torch.Tensor,
+                layout: GridLayout) -> torch.Tensor:
+        n_points, n_feat = x_nx3.shape[0], table_rxf.shape[1]
+        n_levels = len(layout.resolutions)
+        res, dense, off = _layout_tensors(layout, x_nx3.device)
+        out = torch.empty(n_points, n_levels * n_feat, device=x_nx3.device, dtype=torch.float32)
+        grid = (triton.cdiv(n_points, BLOCK),)
+        if n_points:
+            _hash_fwd_kernel[grid](x_nx3, table_rxf, out, aabb_2x3[0], aabb_2x3[1], res, dense, off,
+                                   n_points, L=n_levels, F=n_feat, HASH_MASK=layout.hash_size - 1,
+                                   BLOCK=BLOCK)
+        ctx.save_for_backward(x_nx3, table_rxf, aabb_2x3)
+        ctx.layout = layout
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gout: torch.Tensor):
+        x_nx3, table_rxf, aabb_2x3 = ctx.saved_tensors
+        layout: GridLayout = ctx.layout
+        need_x, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gout = gout.contiguous().float()
+        n_points, n_feat = x_nx3.shape[0], table_rxf.shape[1]
+        gtable = torch.zeros_like(table_rxf) if need_table else None
+        gx = torch.empty_like(x_nx3) if need_x else None
+        if n_points and (need_x or need_table):
+            res, dense, off = _layout_tensors(layout, x_nx3.device)
+            grid = (triton.cdiv(n_points, BLOCK),)
+            _hash_bwd_kernel[grid](
+                x_nx3, table_rxf, gout, gtable if need_table else table_rxf,
+                gx if need_x else x_nx3, aabb_2x3[0], aabb_2x3[1], res, dense, off, n_points,
+                L=len(layout.resolutions), F=n_feat, HASH_MASK=layout.hash_size - 1,
+                NEED_TABLE=need_table, NEED_X=need_x, BLOCK=BLOCK)
+        elif need_x:
+            gx.zero_()
+        return gx, gtable, None, None
+
+
+def hash_encode_triton(x_nx3: torch.Tensor, table_rxf: torch.Tensor, aabb_2x3: torch.Tensor,
+                       layout: GridLayout) -> torch.Tensor:
+    """Fused encoding of world points [N, 3] -> [N, L*F] float32 (fp32 compute)."""
+    if table_rxf.dtype != torch.float32:
+        raise TypeError(f"triton hash grid: table must be float32; got {table_rxf.dtype}")
+    x = x_nx3.float().contiguous()
+    aabb = aabb_2x3.float().contiguous()
+    return _HashEncodeFn.apply(x, table_rxf.contiguous(), aabb, layout)

@@ -1,0 +1,186 @@
+"""Tet grid, marching tets and DMTetGeometry (CPU)."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from geometry.dmtet import (TET_CACHE_DIR, DMTetGeometry, EmptyMeshError, TetGridError,
+                            marching_tets, sdf_sign_change_loss, tet_edges, tet_grid)
+from geometry.hashgrid import HashGridOptions
+
+SMALL_GRID = HashGridOptions(log2_hashmap_size=12)  # keeps CPU tests fast; defaults tested elsewhere
+
+
+def _signed_tet_volumes(verts: np.ndarray, tets: np.ndarray) -> np.ndarray:
+    p = verts[tets].astype(np.float64)  # [T, 4, 3]
+    return np.linalg.det(p[:, 1:] - p[:, :1]) / 6.0
+
+
+def test_tet_grid_64_counts_orientation_and_conformity(tmp_path: Path) -> None:
+    verts, tets = tet_grid(64, cache_dir=tmp_path)
+    assert verts.dtype == np.float32 and tets.dtype == np.int64
+    assert verts.shape == (33 ** 3, 3) and tets.shape == (6 * 32 ** 3, 4)  # ~36k vertices
+    assert verts.min() == -0.5 and verts.max() == 0.5
+    vol = _signed_tet_volumes(verts, tets)
+    assert (vol > 0).all(), "every tet must be positively oriented"
+    assert np.isclose(vol.sum(), 1.0), "tets must tile the unit box exactly"
+
+    faces = np.sort(tets[:, [[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]]].reshape(-1, 3), axis=1)
+    uniq, counts = np.unique(faces, axis=0, return_counts=True)
+    assert set(np.unique(counts)) == {1, 2}
+    # A face lies on the box boundary iff its 3 vertices share one coordinate equal to +-0.5.
+    fv = verts[uniq]  # [Fu, 3, 3]
+    on_boundary = np.any((fv[:, 0] == fv[:, 1]) & (fv[:, 0] == fv[:, 2]) & (np.abs(fv[:, 0]) == 0.5),
+                         axis=1)
+    assert np.array_equal(counts == 1, on_boundary), "once-used faces = boundary faces"
+    assert (counts == 1).sum() == 6 * 2 * 32 ** 2, "each boundary square splits into 2 faces"
+
+
+def test_tet_grid_128_is_fast_and_cached(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    verts, tets = tet_grid(128, cache_dir=tmp_path)
+    assert time.perf_counter() - start < 10.0
+    assert verts.shape == (65 ** 3, 3) and tets.shape == (6 * 64 ** 3, 4)
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".npz"  # no temp files left behind
+    verts2, tets2 = tet_grid(128, cache_dir=tmp_path)
+    assert np.array_equal(verts, verts2) and np.array_equal(tets, tets2) and tets2.dtype == np.int64
+
+
+def test_tet_cache_dir_is_package_relative() -> None:
+    assert TET_CACHE_DIR == Path(__file__).resolve().parent.parent / "data" / "tets"
+
+
+@pytest.mark.parametrize("res", [0, 3, -2, 64.0, True])
+def test_tet_grid_rejects_bad_res(res) -> None:
+    with pytest.raises(TetGridError, match="res"):
+        tet_grid(res)
+
+
+def _sphere_mesh(radius: float = 0.3, res: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    verts, tets = tet_grid(res)
+    v = torch.from_numpy(verts)
+    sdf = v.norm(dim=1) - radius
+    out_v, faces = marching_tets(v, sdf, torch.from_numpy(tets))
+    return out_v.numpy().astype(np.float64), faces.numpy()
+
+
+def test_sphere_is_watertight_outward_and_accurate() -> None:
+    radius = 0.3
+    verts, faces = _sphere_mesh(radius)
+    assert faces.shape[0] > 1000 and faces.dtype == np.int64
+    directed = Counter(map(tuple, faces[:, [[0, 1], [1, 2], [2, 0]]].reshape(-1, 2).tolist()))
+    undirected = Counter(tuple(sorted(e)) for e in directed.elements())
+    assert set(undirected.values()) == {2}, "each edge must be in exactly two faces"
+    assert set(directed.values()) == {1}, "neighbouring faces must be consistently oriented"
+    assert len(np.unique(faces)) == len(verts), "no unreferenced or duplicated vertices"
+
+    tri = verts[faces]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    signed_volume = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
+    assert signed_volume > 0
+    assert abs(signed_volume - 4 / 3 * np.pi * radius ** 3) < 0.02 * 4 / 3 * np.pi * radius ** 3
+    assert (np.einsum("ij,ij->i", normals, tri.mean(1)) > 0).all(), "normals must point outward"
+    radii = np.linalg.norm(verts, axis=1)
+    assert np.abs(radii / radius - 1).max() < 0.01
+
+
+def test_marching_tets_gradient_matches_finite_differences() -> None:
+    verts, tets = tet_grid(6)
+    v = torch.from_numpy(verts).double()
+    gen = torch.Generator().manual_seed(0)
+    sdf = v.norm(dim=1) - 0.3 + 0.05 * torch.rand(v.shape[0], generator=gen, dtype=torch.float64)
+    sdf = torch.where(sdf.abs() < 1e-3, sdf + 2e-3, sdf)  # keep signs fixed under the FD step
+    tets_t = torch.from_numpy(tets)
+    assert marching_tets(v, sdf, tets_t)[1].shape[0] > 0
+
+    def by_sdf(s: torch.Tensor) -> torch.Tensor:
+        return marching_tets(v, s, tets_t)[0]
+
+    def by_verts(p: torch.Tensor) -> torch.Tensor:
+        return marching_tets(p, sdf, tets_t)[0]
+
+    assert torch.autograd.gradcheck(by_sdf, (sdf.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(by_verts, (v.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_marching_tets_without_crossing_returns_empty() -> None:
+    verts, tets = tet_grid(8)
+    v = torch.from_numpy(verts)
+    out_v, faces = marching_tets(v, torch.ones(v.shape[0]), torch.from_numpy(tets))
+    assert out_v.shape == (0, 3) and faces.shape == (0, 3)
+
+
+def test_marching_tets_rejects_nan_sdf() -> None:
+    verts, tets = tet_grid(4)
+    sdf = torch.zeros(verts.shape[0])
+    sdf[3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        marching_tets(torch.from_numpy(verts), sdf, torch.from_numpy(tets))
+
+
+def _force_constant_sdf(geo: DMTetGeometry, value: float) -> None:
+    last = geo.sdf_net.mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[0] = value
+
+
+@pytest.mark.parametrize("value, state", [(1.0, "outside"), (-1.0, "inside")])
+def test_empty_mesh_raises_clear_error(value: float, state: str) -> None:
+    geo = DMTetGeometry(16, 2.0, SMALL_GRID, backend="torch")
+    _force_constant_sdf(geo, value)
+    with pytest.raises(EmptyMeshError, match="no triangles") as err:
+        geo.extract()
+    msg = str(err.value)
+    for hint in ("guidance_weight", "sdf_init_shape_scale", "translation_y", "mesh_scale", state):
+        assert hint in msg
+
+
+def test_dmtet_geometry_deformation_and_backend() -> None:
+    geo = DMTetGeometry(16, 2.0, SMALL_GRID, backend="torch")
+    assert geo.sdf_net.backend == "torch"
+    assert torch.allclose(geo.aabb, torch.tensor([[-1.0] * 3, [1.0] * 3]))
+    deform = torch.full_like(geo.grid_verts, 100.0)
+    moved = geo.deformed_verts(deform) - geo.grid_verts
+    assert torch.allclose(moved, torch.full_like(moved, 1 / 16), atol=1e-6)  # |offset| <= 1/grid_res
+
+
+def test_sdf_sign_change_loss() -> None:
+    edges = torch.tensor([[0, 1], [1, 2]])
+    assert sdf_sign_change_loss(torch.tensor([1.0, 2.0, 3.0]), edges).item() == 0.0
+    sdf = torch.tensor([-1.0, 2.0, 3.0], requires_grad=True)
+    loss = sdf_sign_change_loss(sdf, edges)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    expected = bce(torch.tensor(-1.0), torch.tensor(1.0)) + bce(torch.tensor(2.0), torch.tensor(0.0))
+    assert torch.isclose(loss, expected)
+    loss.backward()
+    assert sdf.grad[0] < 0 and sdf.grad[1] > 0 and sdf.grad[2] == 0  # pulls both towards zero
+
+
+def test_tet_edges_unique_sorted() -> None:
+    _, tets = tet_grid(4)
+    edges = tet_edges(torch.from_numpy(tets))
+    assert (edges[:, 0] < edges[:, 1]).all()
+    assert len({tuple(e) for e in edges.tolist()}) == edges.shape[0]
+    # Euler for a tetrahedralized ball: V - E + F - T = 1
+    faces = np.unique(np.sort(tets[:, [[0, 1, 2], [0, 1, 3], [0, 2, 3], [1, 2, 3]]].reshape(-1, 3),
+                              axis=1), axis=0)
+    assert 27 - edges.shape[0] + faces.shape[0] - tets.shape[0] == 1
+
+
+def test_dmtet_mesh_returns_render_mesh() -> None:
+    mesh_mod = pytest.importorskip("render.mesh")
+    geo = DMTetGeometry(16, 2.0, SMALL_GRID, backend="torch")
+    sdf_target = geo.grid_verts.norm(dim=1) - 0.5
+    geo.sdf_and_deform = lambda: (sdf_target, torch.zeros_like(geo.grid_verts))  # type: ignore
+    mesh = geo.mesh()
+    assert isinstance(mesh, mesh_mod.Mesh)
+    assert mesh.v_pos.shape[1] == 3 and mesh.t_pos_idx.dtype == torch.int64
+    assert mesh.v_nrm is not None
