@@ -20,6 +20,9 @@ from geometry.hashgrid import PRIMES, GridLayout
 _P1: tl.constexpr = tl.constexpr(PRIMES[1])
 _P2: tl.constexpr = tl.constexpr(PRIMES[2])
 BLOCK = 128
+# No FMA contraction: keeps the kernel's rounding identical to the unfused reference ops (the
+# kernel is memory-bound, so this costs nothing measurable) and pins Triton's changing default.
+_COMPILE_OPTS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -68,9 +71,11 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_p
         x0, y0, z0 = fx0.to(tl.int64), fy0.to(tl.int64), fz0.to(tl.int64)
         acc = tl.zeros((BLOCK, F), dtype=tl.float32)
         for c in tl.static_range(8):
-            ox: tl.constexpr = c & 1
-            oy: tl.constexpr = (c >> 1) & 1
-            oz: tl.constexpr = (c >> 2) & 1
+            # Corner offsets are compile-time constants (unrolled loop); plain names, since
+            # an annotated constexpr cannot be reassigned across unrolled iterations.
+            ox = c & 1
+            oy = (c >> 1) & 1
+            oz = (c >> 2) & 1
             wx = fx if ox == 1 else 1.0 - fx
             wy = fy if oy == 1 else 1.0 - fy
             wz = fz if oz == 1 else 1.0 - fz
@@ -113,9 +118,11 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
         lgy = tl.zeros((BLOCK,), dtype=tl.float32)
         lgz = tl.zeros((BLOCK,), dtype=tl.float32)
         for c in tl.static_range(8):
-            ox: tl.constexpr = c & 1
-            oy: tl.constexpr = (c >> 1) & 1
-            oz: tl.constexpr = (c >> 2) & 1
+            # Corner offsets are compile-time constants (unrolled loop); plain names, since
+            # an annotated constexpr cannot be reassigned across unrolled iterations.
+            ox = c & 1
+            oy = (c >> 1) & 1
+            oz = (c >> 2) & 1
             wx = fx if ox == 1 else 1.0 - fx
             wy = fy if oy == 1 else 1.0 - fy
             wz = fz if oz == 1 else 1.0 - fz
@@ -166,7 +173,7 @@ class _HashEncodeFn(torch.autograd.Function):
         if n_points:
             _hash_fwd_kernel[grid](x_nx3, table_rxf, out, aabb_2x3[0], aabb_2x3[1], res, dense, off,
                                    n_points, L=n_levels, F=n_feat, HASH_MASK=layout.hash_size - 1,
-                                   BLOCK=BLOCK)
+                                   BLOCK=BLOCK, **_COMPILE_OPTS)
         ctx.save_for_backward(x_nx3, table_rxf, aabb_2x3)
         ctx.layout = layout
         return out
@@ -188,7 +195,7 @@ class _HashEncodeFn(torch.autograd.Function):
                 x_nx3, table_rxf, gout, gtable if need_table else table_rxf,
                 gx if need_x else x_nx3, aabb_2x3[0], aabb_2x3[1], res, dense, off, n_points,
                 L=len(layout.resolutions), F=n_feat, HASH_MASK=layout.hash_size - 1,
-                NEED_TABLE=need_table, NEED_X=need_x, BLOCK=BLOCK)
+                NEED_TABLE=need_table, NEED_X=need_x, BLOCK=BLOCK, **_COMPILE_OPTS)
         elif need_x:
             gx.zero_()
         return gx, gtable, None, None
