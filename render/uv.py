@@ -1,0 +1,135 @@
+"""UV unwrapping with xatlas.
+
+The unwrapped mesh keeps its positions, position indices and normals; only the UV stream
+(`v_tex [Vt, 2]`, `t_tex_idx [F, 3]`) is replaced. UVs follow the OBJ convention of
+`render.mesh` (origin bottom-left). Old tangents are dropped because they were derived from the
+old UVs; `render.mesh.compute_tangents` rebuilds them from the new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from render.mesh import Mesh, MeshError, validate_mesh
+
+
+class UnwrapError(RuntimeError):
+    """xatlas produced something unusable; the message says what and how to change the options."""
+
+
+@dataclass
+class ChartOptions:
+    """Subset of xatlas.ChartOptions that matters for our meshes (defaults = xatlas defaults)."""
+    max_chart_area: float = 0.0       # 0 = unlimited
+    max_boundary_length: float = 0.0  # 0 = unlimited
+    normal_deviation_weight: float = 2.0
+    roundness_weight: float = 0.01
+    straightness_weight: float = 6.0
+    normal_seam_weight: float = 4.0
+    texture_seam_weight: float = 0.5
+    max_cost: float = 2.0             # higher = larger, more distorted charts
+    max_iterations: int = 1
+    fix_winding: bool = False
+
+
+@dataclass
+class PackOptions:
+    """Subset of xatlas.PackOptions.
+
+    `padding` is in texels of a `resolution`-sized atlas; with resolution 0 xatlas picks the atlas
+    size itself and the padding is relative to that. Set `resolution` to the bake's texture_res so
+    island gaps are exactly `padding` texels in the baked maps.
+    """
+    padding: int = 2
+    resolution: int = 0
+    texels_per_unit: float = 0.0      # 0 = derive from resolution
+    max_chart_size: int = 0           # 0 = unlimited
+    bilinear: bool = True             # leave room for bilinear filtering between charts
+    block_align: bool = False
+    brute_force: bool = False         # slower, tighter packing
+    rotate_charts: bool = True
+    rotate_charts_to_axis: bool = True
+
+
+def _xatlas_options(chart: ChartOptions, pack: PackOptions) -> tuple[object, object]:
+    import xatlas
+
+    if pack.padding < 0 or pack.resolution < 0 or pack.max_chart_size < 0:
+        raise ValueError(f"unwrap: pack_options padding/resolution/max_chart_size must be >= 0, got "
+                         f"{pack.padding}/{pack.resolution}/{pack.max_chart_size}")
+    x_chart = xatlas.ChartOptions()
+    for name, value in vars(chart).items():
+        setattr(x_chart, name, value)
+    x_pack = xatlas.PackOptions()
+    x_pack.padding = pack.padding
+    x_pack.resolution = pack.resolution
+    x_pack.texels_per_unit = pack.texels_per_unit
+    x_pack.max_chart_size = pack.max_chart_size
+    x_pack.bilinear = pack.bilinear
+    x_pack.blockAlign = pack.block_align
+    x_pack.bruteForce = pack.brute_force
+    x_pack.rotate_charts = pack.rotate_charts
+    x_pack.rotate_charts_to_axis = pack.rotate_charts_to_axis
+    return x_chart, x_pack
+
+
+def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
+           pack_options: PackOptions | None = None) -> Mesh:
+    """Return a copy of `mesh` with a fresh xatlas UV atlas (one atlas page, uv in [0, 1]^2).
+
+    Faces keep their order, so per-face data of the input stays valid. Raises MeshError for an
+    empty/invalid mesh and UnwrapError if xatlas splits the atlas into several pages (the bake
+    writes one texture per map) or reorders faces.
+    """
+    validate_mesh(mesh, "unwrap(mesh)")
+    chart_options = chart_options or ChartOptions()
+    pack_options = pack_options or PackOptions()
+    x_chart, x_pack = _xatlas_options(chart_options, pack_options)
+
+    import xatlas
+
+    pos_vx3 = mesh.v_pos.detach().cpu().numpy().astype(np.float32)
+    tri_fx3 = mesh.t_pos_idx.detach().cpu().numpy().astype(np.uint32)
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(pos_vx3, tri_fx3)
+    atlas.generate(x_chart, x_pack)
+    if atlas.atlas_count != 1:
+        raise UnwrapError(f"unwrap: xatlas produced {atlas.atlas_count} atlas pages, expected 1; "
+                          "set pack_options.max_chart_size to 0 or raise pack_options.resolution")
+    vmapping_t, tex_idx_fx3, uv_tx2 = atlas[0]
+    # xatlas keeps face order; check it, because baking and tangents rely on face correspondence.
+    if tex_idx_fx3.shape != tri_fx3.shape or not np.array_equal(vmapping_t[tex_idx_fx3], tri_fx3):
+        raise UnwrapError(f"unwrap: xatlas output faces do not correspond to the input faces "
+                          f"(got {tex_idx_fx3.shape[0]} faces, expected {tri_fx3.shape[0]})")
+    device = mesh.v_pos.device
+    return replace(
+        mesh,
+        v_tex=torch.from_numpy(uv_tx2.astype(np.float32)).to(device),       # [Vt, 2] in [0, 1]
+        t_tex_idx=torch.from_numpy(tex_idx_fx3.astype(np.int64)).to(device),  # [F, 3]
+        v_tng=None,
+        t_tng_idx=None,
+    )
+
+
+def chart_count(mesh: Mesh) -> int:
+    """Number of UV islands (connected components of the UV index graph); for logs and tests."""
+    if mesh.t_tex_idx is None:
+        raise MeshError("chart_count: mesh has no UVs (t_tex_idx is None); call unwrap() first")
+    faces = mesh.t_tex_idx.detach().cpu().numpy()
+    parent = np.arange(int(faces.max()) + 1)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b, c in faces:
+        for x, y in ((a, b), (b, c)):
+            rx, ry = find(x), find(y)
+            if rx != ry:
+                parent[rx] = ry
+    return len({find(i) for i in np.unique(faces)})
