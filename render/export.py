@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 import torch
-from torch import Tensor
 
 from render.mesh import Mesh, MeshError, compute_tangents, compute_vertex_normals, validate_mesh
 

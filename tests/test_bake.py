@@ -55,7 +55,8 @@ def test_unwrap_keeps_faces_and_gives_uvs_in_unit_square() -> None:
     assert float(out.v_tex.min()) >= 0.0 and float(out.v_tex.max()) <= 1.0
     # Each chart is consistently oriented (xatlas may mirror whole charts, never fold one).
     t = out.v_tex[out.t_tex_idx]
-    area = (t[:, 1, 0] - t[:, 0, 0]) * (t[:, 2, 1] - t[:, 0, 1]) - (t[:, 2, 0] - t[:, 0, 0]) * (t[:, 1, 1] - t[:, 0, 1])
+    e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
+    area = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
     labels = _chart_labels(out.t_tex_idx)
     for chart in np.unique(labels):
         positive = float((area[labels == chart] > 0).float().mean())
@@ -207,7 +208,8 @@ def test_written_normal_map_decodes_to_unit_vectors(baked_sphere: tuple[Mesh, Ba
 # Round trip: renders of the baked textured mesh vs renders of the material
 
 
-def _mvp(azimuth: float, elevation: float, distance: float = 3.0, fovy: float = math.radians(45)) -> torch.Tensor:
+def _mvp(azimuth: float, elevation: float, distance: float = 3.0,
+         fovy: float = math.radians(45)) -> torch.Tensor:
     """OpenGL-style projection @ view for a camera orbiting the origin (y up)."""
     ca, sa, ce, se = math.cos(azimuth), math.sin(azimuth), math.cos(elevation), math.sin(elevation)
     rot_y = torch.tensor([[ca, 0, sa, 0], [0, 1, 0, 0], [-sa, 0, ca, 0], [0, 0, 0, 1]], dtype=torch.float32)
@@ -221,7 +223,8 @@ def _mvp(azimuth: float, elevation: float, distance: float = 3.0, fovy: float = 
     return proj @ view @ rot_x @ rot_y
 
 
-def _render_views(mesh: Mesh, maps: BakedMaps, res: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _render_views(mesh: Mesh, maps: BakedMaps,
+                  res: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per view: (material reference [B, h, w, 9], baked texture lookup [B, h, w, 9], mask [B, h, w])."""
     ctx = raster.make_context("cpu")
     num_f = mesh.t_pos_idx.shape[0]

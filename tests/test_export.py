@@ -35,7 +35,8 @@ def _plane_mesh(n: int = 4) -> Mesh:
     faces = []
     for r in range(n):
         for c in range(n):
-            a, b, d, e = r * (n + 1) + c, r * (n + 1) + c + 1, (r + 1) * (n + 1) + c, (r + 1) * (n + 1) + c + 1
+            a, d = r * (n + 1) + c, (r + 1) * (n + 1) + c
+            b, e = a + 1, d + 1
             faces += [(a, b, e), (a, e, d)]                     # counter-clockwise seen from +z
     f = torch.tensor(faces, dtype=torch.int64)
     return Mesh(v_pos=torch.tensor(pos_vx3, dtype=torch.float32), t_pos_idx=f,
@@ -162,7 +163,8 @@ def _mtl_references(mtl_path: Path) -> list[str]:
     refs = []
     for line in mtl_path.read_text().splitlines():
         parts = line.split()
-        if parts and (parts[0].lower().startswith("map_") or parts[0].lower() in ("bump", "map_bump", "norm")):
+        key = parts[0].lower() if parts else ""
+        if key.startswith("map_") or key in ("bump", "norm"):
             refs.append(parts[-1])
     return refs
 
