@@ -163,8 +163,8 @@ def _mtl_text(textured: bool) -> str:
                 f"map_Ks {TEXTURE_FILES['ks']}\n"
                 f"bump {TEXTURE_FILES['nrm']}\n")
     kd = " ".join(f"{c:g}" for c in GEOMETRY_KD)
-    return ("# Geometry-phase output: shape and UV atlas only. No texture maps are written because\n"
-            "# no appearance has been modelled yet; run the appearance phase on mesh.obj.\n"
+    return ("# Geometry-phase output: shape (and its UV atlas, if unwrapped) only. No texture maps\n"
+            "# are written because no appearance has been modelled yet; run the appearance phase.\n"
             f"newmtl {MATERIAL_NAME}\n"
             "Ka 0 0 0\n"
             f"Kd {kd}\n"
