@@ -1,8 +1,8 @@
 """PBR material network: position encoder + small MLP -> kd, ks, tangent-space normal.
 
 The encoder is passed in (render/ never imports geometry/): any nn.Module mapping points
-[N, 3] -> features [N, F] with an integer attribute `n_output_dims` = F, e.g. the hash grid
-of geometry/hashgrid.py. Outputs go through a sigmoid and are mapped per channel into the
+[N, 3] -> features [N, F] with an integer attribute `n_output_dims` (or `output_dim`) = F,
+e.g. the hash grid of geometry/hashgrid.py. Outputs go through a sigmoid and are mapped per channel into the
 configured [min, max] boxes, so they can never leave the physical ranges.
 """
 from __future__ import annotations
@@ -41,9 +41,10 @@ class MaterialMLP(nn.Module):
                  ks_min: Sequence[float], ks_max: Sequence[float], nrm_min: Sequence[float] = (-1.0, -1.0, 0.0),
                  nrm_max: Sequence[float] = (1.0, 1.0, 1.0), hidden: int = 32, layers: int = 2) -> None:
         super().__init__()
-        n_in = getattr(encoder, "n_output_dims", None)
-        if not isinstance(n_in, int) or n_in <= 0:
-            raise MaterialError(f"encoder must expose a positive int attribute n_output_dims, got {n_in!r}")
+        # tiny-cuda-nn names the width n_output_dims; geometry/hashgrid.py names it output_dim.
+        n_in = getattr(encoder, "n_output_dims", getattr(encoder, "output_dim", None))
+        if isinstance(n_in, bool) or not isinstance(n_in, int) or n_in <= 0:
+            raise MaterialError(f"encoder must expose a positive int attribute n_output_dims (or output_dim), got {n_in!r}")
         if hidden <= 0 or layers < 0:
             raise MaterialError(f"hidden must be > 0 and layers >= 0, got hidden={hidden}, layers={layers}")
         lo = torch.cat([_range_tensor("kd_min", kd_min), _range_tensor("ks_min", ks_min), _range_tensor("nrm_min", nrm_min)])
