@@ -179,3 +179,38 @@ def test_pretrain_open_torus_mesh_iou(tmp_path: Path, one_thread) -> None:
 
     iou = _iou(geo, inside, mesh_scale)
     assert iou >= 0.85, iou
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-mesh geometry (appearance phase)
+
+def test_fixed_mesh_unwraps_and_builds_frames(tmp_path: Path, caplog) -> None:
+    from geometry.fixed_mesh import FixedMeshGeometry
+
+    path = _write_obj(tmp_path / "box.obj", np.asarray(trimesh.creation.box().vertices) * 2 + 5,
+                      np.asarray(trimesh.creation.box().faces))
+    with caplog.at_level("INFO", logger="geometry.fixed_mesh"):
+        geo = FixedMeshGeometry(path)
+    assert geo.unwrapped and "xatlas" in caplog.text
+    m = geo.mesh()
+    assert m.v_tex is not None and m.v_nrm is not None and m.v_tng is not None
+    assert m.t_tex_idx.shape == m.t_pos_idx.shape
+    assert torch.allclose(geo.aabb, torch.tensor([[4.0] * 3, [6.0] * 3]))
+    unit = FixedMeshGeometry(path, normalize=True)
+    assert torch.isclose(unit.mesh().v_pos.norm(dim=1).max(), torch.tensor(1.0))
+
+
+def test_fixed_mesh_keeps_existing_uvs_and_pads_flat_aabb() -> None:
+    from render.mesh import Mesh
+
+    from geometry.fixed_mesh import FixedMeshGeometry
+
+    quad = Mesh(v_pos=torch.tensor([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]]),
+                t_pos_idx=torch.tensor([[0, 1, 2], [0, 2, 3]]),
+                v_tex=torch.tensor([[0.0, 0], [1, 0], [1, 1], [0, 1]]),
+                t_tex_idx=torch.tensor([[0, 1, 2], [0, 2, 3]]))
+    geo = FixedMeshGeometry(quad)
+    assert not geo.unwrapped
+    assert torch.allclose(geo.mesh().v_tng, torch.tensor([1.0, 0, 0]).expand(4, 3))
+    lo, hi = geo.aabb
+    assert bool((hi > lo).all())
