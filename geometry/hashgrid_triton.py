@@ -10,6 +10,8 @@ and interpreted mode at import time from TRITON_INTERPRET.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -154,7 +156,10 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
         tl.store(gx_ptr + n64 * 3 + 2, gz, mask=mask)
 
 
+@functools.lru_cache(maxsize=32)
 def _layout_tensors(layout: GridLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per-level (resolution, dense flag, row offset) on `device`; cached so that a training step
+    does not pay three host-to-device copies per call."""
     res = torch.tensor(layout.resolutions, dtype=torch.int32, device=device)
     dense = torch.tensor([int(d) for d in layout.dense], dtype=torch.int32, device=device)
     off = torch.tensor(layout.offsets, dtype=torch.int64, device=device)
