@@ -113,26 +113,27 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
                       ) -> torch.Tensor:
     """Reference encoding of normalized points [N, 3] in [0, 1] -> [N, L*F]; differentiable in both.
 
-    The corner loop order and arithmetic mirror the Triton kernel so the two agree to rounding.
+    All levels' corner rows are gathered with one indexing op: its backward then builds one
+    table-sized gradient instead of one per (level, corner), which dominated the step time. The
+    per-corner accumulation order mirrors the Triton kernel so the two agree to rounding.
     """
-    corners = _corner_offsets(x01_nx3.device)
-    outs = []
+    corners = _corner_offsets(x01_nx3.device)                                    # [8, 3]
+    rows, weights = [], []
     for lvl, res in enumerate(layout.resolutions):
         pos = x01_nx3 * float(res)  # [N, 3] lattice coordinates
         # Clamp the cell so x = 1 interpolates inside the last cell (weight 1 on its far corner).
         cell = torch.clamp(torch.floor(pos), max=float(res - 1)).detach()
         frac = pos - cell  # d frac / d pos = 1: carries the input gradient
-        cell_i = cell.long()
-        acc = None
-        for c in range(8):
-            off = corners[c]
-            w3 = torch.where(off.bool(), frac, 1.0 - frac)  # [N, 3]
-            w = w3[:, 0] * w3[:, 1] * w3[:, 2]
-            rows = grid_index(cell_i + off, res, layout.dense[lvl], layout.hash_size)
-            term = w[:, None] * table_rxf[rows + layout.offsets[lvl]]  # [N, F]
-            acc = term if acc is None else acc + term
-        outs.append(acc)
-    return torch.cat(outs, dim=1)
+        ijk = cell.long()[:, None, :] + corners                                  # [N, 8, 3]
+        rows.append(grid_index(ijk, res, layout.dense[lvl], layout.hash_size) + layout.offsets[lvl])
+        w3 = torch.where(corners.bool(), frac[:, None, :], 1.0 - frac[:, None, :])  # [N, 8, 3]
+        weights.append(w3[..., 0] * w3[..., 1] * w3[..., 2])                     # [N, 8]
+    feats = table_rxf[torch.stack(rows, dim=1)]                                  # [N, L, 8, F]
+    w = torch.stack(weights, dim=1)                                              # [N, L, 8]
+    acc = w[:, :, 0, None] * feats[:, :, 0]
+    for c in range(1, 8):
+        acc = acc + w[:, :, c, None] * feats[:, :, c]                            # [N, L, F]
+    return acc.reshape(acc.shape[0], -1)
 
 
 class HashGridEncoder(nn.Module):

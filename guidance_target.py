@@ -1,0 +1,75 @@
+"""Target-mesh guidance: the exact denoiser of a known target (DESIGN.md 7).
+
+For the current cameras the target is rendered the same way as the model (coarse geometry:
+normal + mask latents; fine geometry and appearance: the image, "encoded" by 8x8 average pooling
+instead of a VAE) to get z*, and eps_hat = (z_t - sqrt(a) z*) / sqrt(1 - a) is the noise a perfect
+denoiser of that single image would predict. Everything else - timesteps, weights, gradient
+injection, non-finite handling - is the Stable Diffusion guidance's own code, so optimization with
+this guidance measures the whole SDS pipeline on machines without model weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sd import (SDSResult, add_noise, sample_timesteps, sds_from_eps, sds_weight, time_range)
+
+# Renders the target for a camera batch and stage, in the same format as the model's input to
+# the guidance: [B, 4, h, w] coarse latents or [B, 3, H, W] images in [0, 1]; no gradient needed.
+TargetRenderer = Callable[[object, str], torch.Tensor]
+
+POOL = 8  # stands in for the VAE's x8 downsampling
+
+
+def scaled_linear_alphas_cumprod(num_steps: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> torch.Tensor:
+    """The SD 2.x DDPM schedule (scaled_linear betas), so t means the same as with the real model."""
+    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+@dataclass
+class TargetGuidanceOptions:
+    coarse_iter: int
+    early_time_step_range: tuple[float, float]
+    late_time_step_range: tuple[float, float]
+    sds_weight_strategy: int = 0
+
+
+def pooled_latents(images_bx3xhxw: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] -> [-1, 1] -> 8x8 average pooled 'latents' [B, 3, H/8, W/8]."""
+    if images_bx3xhxw.dim() != 4 or images_bx3xhxw.shape[1] != 3:
+        raise ValueError(f"images: expected [B, 3, H, W], got {tuple(images_bx3xhxw.shape)}")
+    return F.avg_pool2d(images_bx3xhxw * 2.0 - 1.0, POOL)
+
+
+class TargetMeshGuidance:
+    def __init__(self, render_target: TargetRenderer, opts: TargetGuidanceOptions,
+                 device: torch.device) -> None:
+        self.render_target = render_target
+        self.opts = opts
+        self.alphas_cumprod = scaled_linear_alphas_cumprod().to(device)
+
+    def _latents(self, x: torch.Tensor, stage: str) -> torch.Tensor:
+        return x if stage == "geometry_coarse" else pooled_latents(x)
+
+    def sds(self, inputs: torch.Tensor, stage: str, it: int, cameras: object,
+            generator: torch.Generator | None = None) -> SDSResult:
+        latents = self._latents(inputs, stage)                               # [B, C, h, w]
+        with torch.no_grad():
+            target = self._latents(self.render_target(cameras, stage), stage)
+        if target.shape != latents.shape:
+            raise ValueError(f"target render: expected shape {tuple(latents.shape)}, got {tuple(target.shape)}")
+        o = self.opts
+        t = sample_timesteps(latents.shape[0], time_range(it, o.coarse_iter, o.early_time_step_range,
+                                                          o.late_time_step_range), generator, latents.device)
+        draw_device = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=draw_device).to(latents.device)
+        z_t = add_noise(self.alphas_cumprod, latents.detach(), noise, t)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        eps_hat = (z_t - a.sqrt() * target.float()) / (1.0 - a).sqrt()   # exact denoiser of z*
+        w = sds_weight(self.alphas_cumprod, t, stage, o.sds_weight_strategy, it, o.coarse_iter)
+        return sds_from_eps(latents, noise, t, eps_hat, w)

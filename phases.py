@@ -1,0 +1,185 @@
+"""The two training phases (geometry, appearance) and the guidance they use.
+
+Each phase turns one camera batch into an SDS loss (`step`), renders validation views, and
+exports its result; the loop in trainer.py does everything else.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import distributed
+from config import Config, resolve_path
+from dataset.cameras import CameraBatch
+from render import raster
+from render.normal_render import normal_to_display, render_normal_mask
+from trainer import StepResult, to_uint8
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is written for the user: printed as one line, exit code 1."""
+    from geometry.dmtet import EmptyMeshError
+    from geometry.sdf_init import SdfInitError
+    from render.light import EnvMapError
+    from render.mesh import MeshError
+    from sd import ModelNotFoundError
+    return (EmptyMeshError, SdfInitError, EnvMapError, MeshError, ModelNotFoundError,
+            raster.RasterBackendError)
+
+
+# ------------------------------------------------------------------------------------------------
+# Guidance
+# ------------------------------------------------------------------------------------------------
+class Guide:
+    """One call for both guidance sources: `guide(x, stage, it, cams, generator) -> SDSResult`."""
+
+    def __init__(self, cfg: Config, device: torch.device, render_target=None) -> None:
+        self.cfg = cfg
+        if cfg.guidance == "target_mesh":
+            from guidance_target import TargetGuidanceOptions, TargetMeshGuidance
+            opts = TargetGuidanceOptions(cfg.coarse_iter, tuple(cfg.early_time_step_range),
+                                         tuple(cfg.late_time_step_range), cfg.sds_weight_strategy)
+            self.target = TargetMeshGuidance(render_target, opts, device)
+            self.sd = None
+        else:
+            from sd import GuidanceOptions, StableDiffusionGuidance
+            opts = GuidanceOptions(sd_model=cfg.sd_model, mode=cfg.mode, text=cfg.text,
+                                   negative_text=cfg.negative_text, add_directional_text=cfg.add_directional_text,
+                                   guidance_weight=float(cfg.guidance_weight),
+                                   sds_weight_strategy=cfg.sds_weight_strategy,
+                                   early_time_step_range=tuple(cfg.early_time_step_range),
+                                   late_time_step_range=tuple(cfg.late_time_step_range),
+                                   coarse_iter=cfg.coarse_iter, image_resolution=image_resolution(cfg))
+            self.sd = StableDiffusionGuidance(opts, device)
+            self.target = None
+
+    def __call__(self, x: torch.Tensor, stage: str, it: int, cams: CameraBatch, generator: torch.Generator):
+        if self.target is not None:
+            return self.target.sds(x, stage, it, cams, generator)
+        return self.sd.sds(x, stage, it, cams.view_index, generator)
+
+
+def image_resolution(cfg: Config) -> int:
+    """Square size the VAE sees (512 for the published train_res); latents are 1/8 of it."""
+    side = max(cfg.train_res)
+    return max(8, (side // 8) * 8)
+
+
+def latent_size(cfg: Config) -> int:
+    return image_resolution(cfg) // 8
+
+
+def camera_chunks(cams: CameraBatch, size: int):
+    """Consecutive sub-batches of at most `size` cameras (bounded memory for long turntables)."""
+    for i in range(0, len(cams), size):
+        yield CameraBatch(**{f: (v[i:i + size] if isinstance(v, torch.Tensor) else v)
+                             for f, v in vars(cams).items()})
+
+
+def clip_positions(verts_vx3: torch.Tensor, mvp_bx4x4: torch.Tensor) -> torch.Tensor:
+    homog = torch.cat([verts_vx3, torch.ones_like(verts_vx3[:, :1])], dim=1)   # [V, 4]
+    return torch.einsum("bij,vj->bvi", mvp_bx4x4, homog).contiguous()           # [B, V, 4]
+
+
+# ------------------------------------------------------------------------------------------------
+# Geometry
+# ------------------------------------------------------------------------------------------------
+class NormalStageRenderer:
+    """Renders a mesh the way the geometry stages feed it to the guidance (shared with the target)."""
+
+    def __init__(self, cfg: Config, ctx: raster.RasterContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+
+    def __call__(self, verts: torch.Tensor, faces: torch.Tensor, cams: CameraBatch, stage: str) -> torch.Tensor:
+        coarse = stage == "geometry_coarse"
+        img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution,
+                                 cams.normal_rotate if coarse else None,
+                                 flip_normal=coarse and self.cfg.if_flip_the_normal)       # [B, H, W, 4]
+        if coarse:  # normal xyz + mask used directly as the 4-channel latent
+            size = latent_size(self.cfg)
+            return F.interpolate(img.permute(0, 3, 1, 2), (size, size), mode="bilinear",
+                                 align_corners=False, antialias=True)                   # [B, 4, h, w]
+        return normal_to_display(img).permute(0, 3, 1, 2).contiguous()                 # [B, 3, H, W]
+
+
+class GeometryPhase:
+    name = "geometry"
+    lr = 1e-3
+
+    def __init__(self, cfg: Config, info: distributed.DistInfo, run_dir: Path) -> None:
+        from geometry.dmtet import DMTetGeometry
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
+        self.ctx = raster.make_context(info.device, cfg.raster_backend)
+        self.geo = DMTetGeometry(cfg.dmtet_grid, cfg.mesh_scale, backend=cfg.encoder_backend, device=info.device)
+        self.render = NormalStageRenderer(cfg, self.ctx)
+        self.guide = Guide(cfg, info.device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
+
+    def _target_renderer(self):
+        from render.mesh import load_mesh
+        target = load_mesh(resolve_path(self.cfg.target_mesh), device=self.info.device)
+        verts, faces = target.v_pos, target.t_pos_idx
+        return lambda cams, stage: self.render(verts, faces, cams, stage)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.geo.parameters() if p.requires_grad]
+
+    def stage(self, it: int) -> str:
+        return "geometry_coarse" if it <= self.cfg.coarse_iter else "geometry_fine"
+
+    def prepare(self, resumed: bool) -> None:
+        """SDF pretraining towards the initial shape (skipped when resuming: the weights are loaded)."""
+        if resumed or self.cfg.sdf_init_iter == 0:
+            return
+        from geometry.sdf_init import InitShape, InitShapeOptions, pretrain_sdf
+        c = self.cfg
+        base = str(resolve_path(c.base_mesh)) if c.base_mesh else None
+        shape = InitShape(InitShapeOptions(shape=c.sdf_init_shape, scale=tuple(c.sdf_init_shape_scale),
+                                           rotate_x_deg=c.sdf_init_shape_rotate_x, translation_y=c.translation_y,
+                                           translation_z=c.translation_z, base_mesh=base))
+        # Same seed on every rank: identical pretraining, and rank 0's weights are broadcast anyway.
+        loss = pretrain_sdf(self.geo, shape, iters=c.sdf_init_iter, seed=c.seed)
+        if self.info.is_main:
+            print(f"SDF pretraining: {c.sdf_init_iter} steps, final mse {loss:.3e}", flush=True)
+
+    def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
+        stage = self.stage(it)
+        verts, faces = self.geo.extract()
+        x = self.render(verts, faces, cams, stage)
+        sds = self.guide(x, stage, it, cams, generator)
+        return StepResult(loss=sds.loss, loss_value=sds.loss_value, nonfinite=sds.nonfinite, skipped=sds.skipped,
+                          extra={"faces": float(faces.shape[0])})
+
+    def _normals(self, cams: CameraBatch) -> np.ndarray:
+        verts, faces = self.geo.extract()
+        img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution)
+        return to_uint8(normal_to_display(img))  # the projection flips y, so rows are already top-down
+
+    def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]:
+        return {"normal": self._normals(cams)}
+
+    def turntable_frames(self, cams: CameraBatch) -> np.ndarray:
+        return np.concatenate([self._normals(c) for c in camera_chunks(cams, 8)])
+
+    def export(self, out_dir: Path) -> list[Path]:
+        from render.export import write_glb, write_obj
+        from render.uv import unwrap
+        with torch.no_grad():
+            mesh = unwrap(self.geo.mesh().to("cpu"))
+        return [write_obj(out_dir, mesh), write_glb(out_dir / "mesh.glb", mesh)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"geometry": self.geo.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.geo.load_state_dict(state["geometry"])
+
+
+def build_phase(cfg: Config, info: distributed.DistInfo, run_dir: Path):
+    if cfg.mode == "geometry_modeling":
+        return GeometryPhase(cfg, info, run_dir)
+    from phases_appearance import AppearancePhase
+    return AppearancePhase(cfg, info, run_dir)

@@ -1,0 +1,364 @@
+"""The training loop shared by both phases.
+
+cameras -> phase.step (render + guidance) -> accumulate over camera-sector micro-steps ->
+all-reduce gradients -> optimizer step; with progress, a JSON-lines log, validation images,
+atomic checkpoints, exact resume, Ctrl-C handling and the final export.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+import distributed
+from config import Config, resolve_path, write_json_atomic
+from dataset.cameras import (CameraBatch, CameraOptions, azimuth_sector, sample_train_cameras,
+                             turntable_cameras, validation_cameras)
+
+CHECKPOINT_NAME = "last.pt"
+
+
+class TrainingError(RuntimeError):
+    """A run cannot continue; the message says what happened and what to try."""
+
+
+# ------------------------------------------------------------------------------------------------
+# What a phase provides
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class StepResult:
+    loss: torch.Tensor              # 0-dim; backward() puts the SDS gradient into the parameters
+    loss_value: float               # for logging
+    nonfinite: int                  # non-finite gradient entries the guidance saw
+    skipped: bool                   # True: do not step the optimizer this iteration
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Phase(Protocol):
+    name: str
+    lr: float
+
+    def parameters(self) -> list[torch.nn.Parameter]: ...
+    def stage(self, it: int) -> str: ...
+    def prepare(self, resumed: bool) -> None: ...
+    def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult: ...
+    def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]: ...
+    def turntable_frames(self, cams: CameraBatch) -> np.ndarray: ...
+    def export(self, out_dir: Path) -> list[Path]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def camera_options(cfg: Config, resolution: list[int] | None = None) -> CameraOptions:
+    return CameraOptions(fovy_range=tuple(cfg.fovy_range), elevation_range=tuple(cfg.elevation_range),
+                         camera_random_jitter=cfg.camera_random_jitter, cam_near_far=tuple(cfg.cam_near_far),
+                         resolution=tuple(resolution or cfg.train_res), front_threshold=cfg.front_threshold)
+
+
+def accumulation_plan(emulate_gpus: int | None, world_size: int) -> tuple[int, int]:
+    """(virtual world size K, micro-steps per optimizer step) for `emulate_gpus` on W processes."""
+    k = emulate_gpus or world_size
+    if k < world_size or k % world_size:
+        raise TrainingError(f"emulate_gpus={k} must be a multiple of the number of processes ({world_size}); "
+                            f"use emulate_gpus={world_size * max(1, math.ceil(k / world_size))}")
+    return k, k // world_size
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_png(path: Path, image_hxwxc: np.ndarray) -> None:
+    import imageio.v3 as iio
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(path, image_hxwxc)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[..., C] floats in [0, 1] -> uint8 numpy."""
+    return (images.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+class InterruptHandler:
+    """First Ctrl-C: finish the step, checkpoint, export. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "InterruptHandler":
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. under some test runners): keep the default
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, then saving a checkpoint and exporting "
+              "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+class Trainer:
+    # Consecutive skipped (non-finite) iterations after which the run stops with advice.
+    MAX_CONSECUTIVE_SKIPS = 20
+
+    def __init__(self, cfg: Config, info: distributed.DistInfo, phase: Phase, run_dir: Path,
+                 generators: tuple[torch.Generator, torch.Generator]) -> None:
+        self.cfg, self.info, self.phase, self.run_dir = cfg, info, phase, run_dir
+        self.cam_gen, self.noise_gen = generators
+        self.virtual_world, self.micro_steps = accumulation_plan(cfg.emulate_gpus, info.world_size)
+        self.params = phase.parameters()
+        # AdamW as published (betas 0.9/0.99, eps 1e-15).
+        self.optimizer = torch.optim.AdamW(self.params, lr=phase.lr, betas=(0.9, 0.99), eps=1e-15)
+        self.amp = info.device.type == "cuda"  # mixed precision + grad scaler on CUDA, fp32 on CPU
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.cam_opts = camera_options(cfg)
+        self.start_it = 0
+        self.skipped_total = 0
+        self.consecutive_skips = 0
+        self.log_path = run_dir / "log.jsonl"
+        if info.world_size * self.micro_steps < 4:
+            warnings.warn(f"each optimizer step sees {info.world_size * self.micro_steps} camera sector(s) of 4; "
+                          f"set emulate_gpus=4 (or 8) to cover front/left/back/right every step", stacklevel=2)
+
+    # -------------------------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / CHECKPOINT_NAME
+
+    def _rng_state(self) -> dict[str, Any]:
+        return {"cam": self.cam_gen.get_state(), "noise": self.noise_gen.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None}
+
+    def save_checkpoint(self, it: int) -> None:
+        # Collective: every rank contributes its RNG streams; rank 0 writes.
+        rng = distributed.gather_objects(self._rng_state(), self.info)
+        if not self.info.is_main:
+            return
+        save_atomic({"it": it, "config": self.cfg.to_dict(), "phase": self.phase.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "rng": rng, "world_size": self.info.world_size, "skipped_total": self.skipped_total},
+                    self.checkpoint_path)
+
+    def resume(self, spec: str) -> None:
+        path = self.checkpoint_path if spec == "auto" else resolve_path(spec)
+        if not path.is_file():
+            raise TrainingError(f"resume: checkpoint not found: {path} "
+                                f"({'no checkpoint in this run folder yet' if spec == 'auto' else 'check the path'})")
+        state = torch.load(path, map_location=self.info.device, weights_only=False)
+        if state["config"]["mode"] != self.cfg.mode:
+            raise TrainingError(f"resume: {path} is a {state['config']['mode']} checkpoint, this run is {self.cfg.mode}")
+        self.phase.load_state_dict(state["phase"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_it = int(state["it"])
+        self.skipped_total = int(state.get("skipped_total", 0))
+        rngs = state["rng"]
+        if len(rngs) != self.info.world_size:
+            warnings.warn(f"resume: checkpoint written by {len(rngs)} processes, running {self.info.world_size}; "
+                          "random streams restart from the seed (the run continues, not bit-for-bit)")
+            return
+        mine = rngs[self.info.rank]
+        self.cam_gen.set_state(mine["cam"].cpu())
+        self.noise_gen.set_state(mine["noise"].cpu())
+        torch.set_rng_state(mine["torch"].cpu())
+        if mine["cuda"] is not None and self.info.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"].cpu(), self.info.device)
+
+    # -------------------------------------------------------------------------------- one step
+    def _micro_step(self, it: int, j: int) -> tuple[StepResult, list[float]]:
+        vrank = self.info.rank + self.info.world_size * j      # the rank this micro-step stands in for
+        sector = azimuth_sector(vrank, self.virtual_world)
+        cams = sample_train_cameras(self.cfg.batch, sector, self.cam_opts, self.cam_gen, self.info.device)
+        with torch.autocast(device_type=self.info.device.type, dtype=torch.float16, enabled=self.amp):
+            result = self.phase.step(it, cams, self.noise_gen)
+        if not result.skipped:
+            # Mean over micro-steps, so K/W accumulated micro-steps equal one K-GPU step.
+            self.scaler.scale(result.loss / self.micro_steps).backward()
+        return result, [math.degrees(a) for a in cams.azimuth.tolist()]
+
+    def train_step(self, it: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, nonfinite, skipped, azimuths, extra = [], 0, False, [], {}
+        for j in range(self.micro_steps):
+            result, az = self._micro_step(it, j)
+            losses.append(result.loss_value)
+            nonfinite += result.nonfinite
+            skipped |= result.skipped
+            azimuths += az
+            for k, v in result.extra.items():
+                extra[k] = extra.get(k, 0.0) + v / self.micro_steps
+        # Sync point: all ranks agree to skip when any rank saw non-finite guidance gradients.
+        skipped = distributed.any_flag(skipped, self.info)
+        if not skipped:
+            distributed.average_gradients(self.params, self.info)  # sync point: gradient all-reduce
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self._track_skips(it, skipped, nonfinite)
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        ms = (time.perf_counter() - t0) * 1000
+        return {"it": it, "stage": self.phase.stage(it), "loss": float(np.mean(losses)) if losses else float("nan"),
+                "ms": round(ms, 2), "nonfinite": nonfinite, "skipped": skipped, "azimuth_deg": azimuths, **extra}
+
+    def _track_skips(self, it: int, skipped: bool, nonfinite: int) -> None:
+        if not skipped:
+            self.consecutive_skips = 0
+            return
+        self.skipped_total += 1
+        self.consecutive_skips += 1
+        if self.info.is_main:
+            print(f"\nwarning: iteration {it} ({self.phase.stage(it)}): {nonfinite} non-finite gradient entries; "
+                  "step skipped", file=sys.stderr, flush=True)
+        if self.consecutive_skips >= self.MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(
+                f"{self.consecutive_skips} consecutive iterations up to {it} ({self.phase.stage(it)} stage) had "
+                "non-finite SDS gradients (NaN/inf). Try: a lower guidance_weight, a narrower time-step range, "
+                "device=cpu to rule out fp16 overflow, or resume from the last checkpoint.")
+
+    # -------------------------------------------------------------------------------- I/O (rank 0)
+    def log(self, record: dict[str, Any]) -> None:
+        # Collective: every rank's azimuths go into rank 0's log line (shows the per-rank sectors).
+        record["azimuth_deg"] = distributed.gather_floats(record["azimuth_deg"], self.info)
+        if self.info.device.type == "cuda":
+            record["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**20, 1)
+        if self.info.is_main:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def validate(self, it: int) -> None:
+        if not (self.info.is_main and self.cfg.validate):
+            return
+        res = self.cfg.display_res or self.cfg.train_res
+        cams = validation_cameras(camera_options(self.cfg, res), self.info.device, n=4)
+        with torch.no_grad():
+            images = self.phase.validation_images(cams)
+        for name, views in images.items():  # views: [4, H, W, C] uint8 -> one strip
+            save_png(self.run_dir / "validation" / f"it{it:06d}_{name}.png", np.concatenate(list(views), axis=1))
+
+    def write_video(self) -> None:
+        if not (self.info.is_main and self.cfg.validate and self.cfg.video_frames > 0):
+            return
+        import imageio.v2 as iio2
+        res = self.cfg.display_res or self.cfg.train_res
+        cams = turntable_cameras(camera_options(self.cfg, res), self.info.device, self.cfg.video_frames)
+        with torch.no_grad():
+            frames = self.phase.turntable_frames(cams)  # [N, H, W, 3] uint8
+        tmp = self.run_dir / "video.tmp.mp4"
+        # H.264 wants even sizes; macro_block_size=1 keeps ours as they are.
+        iio2.mimwrite(tmp, list(frames), fps=30, macro_block_size=1)
+        os.replace(tmp, self.run_dir / "video.mp4")
+
+    # -------------------------------------------------------------------------------- main
+    def fit(self) -> None:
+        cfg = self.cfg
+        if cfg.resume:
+            self.resume(cfg.resume)
+        self.phase.prepare(resumed=self.start_it > 0)
+        distributed.broadcast_params(self.params, self.info)  # sync point: identical start on every rank
+        progress = self._progress()
+        it = self.start_it
+        with InterruptHandler() as interrupt:
+            while it < cfg.iter:
+                it += 1
+                record = self.train_step(it)
+                self.log(record)
+                self._update_progress(progress, record)
+                if it % cfg.save_interval == 0 or it == cfg.iter:
+                    self.validate(it)
+                    self.save_checkpoint(it)
+                # Sync point: all ranks stop together after the same step.
+                if distributed.any_flag(interrupt.requested, self.info):
+                    if it % cfg.save_interval and it != cfg.iter:
+                        self.save_checkpoint(it)
+                    break
+        if progress is not None:
+            progress.close()
+        if self.info.is_main:
+            exported = self.phase.export(self.run_dir / "dmtet_mesh")
+            print(f"exported: {', '.join(str(p) for p in exported)}", flush=True)
+            if it == cfg.iter:
+                self.write_video()
+        distributed.barrier(self.info)  # sync point: no rank exits while rank 0 still writes
+
+    def _progress(self):
+        if not self.info.is_main:
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.cfg.iter, initial=self.start_it, desc=self.phase.name, dynamic_ncols=True,
+                    file=sys.stderr, mininterval=0.5)
+
+    def _update_progress(self, progress, record: dict[str, Any]) -> None:
+        if progress is None:
+            return
+        post = {"stage": record["stage"], "loss": f"{record['loss']:.4g}"}
+        if "peak_mem_mb" in record:
+            post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
+        if self.skipped_total:
+            post["skipped"] = self.skipped_total
+        progress.set_postfix(post, refresh=False)
+        progress.update(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Entry point used by train.py
+# ------------------------------------------------------------------------------------------------
+def make_generators(seed: int, info: distributed.DistInfo) -> tuple[torch.Generator, torch.Generator]:
+    """Per-rank streams: cameras on CPU (cheap, device-independent), noise/timesteps on the device."""
+    cam = torch.Generator(device="cpu").manual_seed(seed + info.rank)
+    noise = torch.Generator(device=info.device).manual_seed(seed + 1_000_003 * (info.rank + 1))
+    return cam, noise
+
+
+def run(cfg: Config, config_path: str | None = None) -> int:
+    from phases import build_phase, user_errors  # heavy imports only when training
+
+    try:
+        info = distributed.setup(cfg.device)
+    except distributed.DeviceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        run_dir = cfg.run_dir(config_path)
+        if info.is_main:
+            write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        distributed.barrier(info)  # sync point: the run folder exists before any rank uses it
+        torch.manual_seed(cfg.seed)  # same network initialization on every rank
+        generators = make_generators(cfg.seed, info)
+        phase = build_phase(cfg, info, run_dir)
+        Trainer(cfg, info, phase, run_dir, generators).fit()
+        return 0
+    except (TrainingError, *user_errors()) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
