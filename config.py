@@ -234,6 +234,7 @@ class Config:
     # ---- appearance -------------------------------------------------------------------------
     envmap: str | None = _k(None, path_or_none, "HDR environment (default: project studio sky)")
     env_scale: float = _k(1.0, number(0.0, lo_open=True), "environment intensity multiplier")
+    env_res: int = _k(512, integer(64, 4096), "cube-map face size of the environment light (64-128 on CPU)")
     relight: str | None = _k(None, path_or_none, "second HDR used for relit validation images")
     learn_light: bool = _k(False, boolean, "published: optimize the environment (not supported: must be false)")
     lock_light: bool = _k(False, boolean, "published: freeze light")
