@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# CPU runs: OpenMP threads that spin while waiting make every small op ~20x slower as soon as
+# another process shares the cores (torchrun on CPU, a busy machine). Must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from config import ConfigError, check_files, load_config, write_json_atomic
 

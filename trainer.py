@@ -145,8 +145,9 @@ class Trainer:
         self.consecutive_skips = 0
         self.log_path = run_dir / "log.jsonl"
         if info.world_size * self.micro_steps < 4:
-            warnings.warn(f"each optimizer step sees {info.world_size * self.micro_steps} camera sector(s) of 4; "
-                          f"set emulate_gpus=4 (or 8) to cover front/left/back/right every step", stacklevel=2)
+            warnings.warn(f"each optimizer step draws cameras from {info.world_size * self.micro_steps} sector "
+                          f"draw(s), fewer than the 4 (front/left/back/right) the published multi-GPU runs "
+                          f"covered every step; emulate_gpus=4 (or 8) reproduces that coverage", stacklevel=2)
 
     # -------------------------------------------------------------------------------- checkpoints
     @property

@@ -1,6 +1,9 @@
 """Write a tiny, randomly initialised Stable-Diffusion-2-format model folder.
 
 Usage: ``python scripts/make_tiny_sd.py OUT_DIR`` (or ``build_tiny_sd(out_dir)`` from Python).
+``--full-size`` writes the SD 2.1-base architecture instead (865M-parameter UNet, 84M VAE, 23-layer
+1024-wide text encoder; random weights, fp16 files, ~2.6 GB): it measures speed and memory on a
+GPU exactly as the real weights would, without downloading them.
 
 The folder has the StableDiffusionPipeline layout (``model_index.json`` + ``unet/ vae/
 text_encoder/ tokenizer/ scheduler/``) and loads through the real ``from_pretrained`` code paths of
@@ -121,7 +124,22 @@ def write_tokenizer(out_dir: Path) -> int:
     return len(vocab)
 
 
-def _vae():
+# Architecture sizes: the tiny test model, and SD 2.1-base (the published configs of
+# stabilityai/stable-diffusion-2-1-base, vocabulary aside: ours has its own small tokenizer).
+TINY = {"vae_blocks": (8, 16, 16, 16), "vae_layers": 1, "vae_groups": 4,
+        "unet_down": ("CrossAttnDownBlock2D", "DownBlock2D"), "unet_up": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "unet_blocks": (32, 64), "unet_layers": 1, "unet_groups": 8, "unet_heads": (2, 4),
+        "text_width": TEXT_WIDTH, "text_ffn": 2 * TEXT_WIDTH, "text_layers": 2, "text_heads": 4,
+        "text_proj": TEXT_WIDTH}
+SD21_BASE = {"vae_blocks": (128, 256, 512, 512), "vae_layers": 2, "vae_groups": 32,
+             "unet_down": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+             "unet_up": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+             "unet_blocks": (320, 640, 1280, 1280), "unet_layers": 2, "unet_groups": 32,
+             "unet_heads": (5, 10, 20, 20), "text_width": 1024, "text_ffn": 4096, "text_layers": 23,
+             "text_heads": 16, "text_proj": 512}
+
+
+def _vae(arch: dict):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(SEED)
@@ -130,31 +148,33 @@ def _vae():
         # 4 blocks: every block but the last downsamples -> x8, as the real SD VAE.
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+        block_out_channels=arch["vae_blocks"], layers_per_block=arch["vae_layers"],
+        norm_num_groups=arch["vae_groups"],
         latent_channels=LATENT_CHANNELS, sample_size=512, scaling_factor=SCALING_FACTOR,
     )
 
 
-def _unet():
+def _unet(arch: dict):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(SEED)
     return UNet2DConditionModel(
         sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=(2, 4),
+        down_block_types=arch["unet_down"], up_block_types=arch["unet_up"],
+        block_out_channels=arch["unet_blocks"], layers_per_block=arch["unet_layers"],
+        norm_num_groups=arch["unet_groups"],
+        cross_attention_dim=arch["text_width"], attention_head_dim=arch["unet_heads"],
         use_linear_projection=True,  # as SD 2.x
     )
 
 
-def _text_encoder(vocab_size: int, token_ids: dict[str, int]):
+def _text_encoder(vocab_size: int, token_ids: dict[str, int], arch: dict):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH,
-        projection_dim=TEXT_WIDTH, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab_size, hidden_size=arch["text_width"], intermediate_size=arch["text_ffn"],
+        projection_dim=arch["text_proj"], num_hidden_layers=arch["text_layers"],
+        num_attention_heads=arch["text_heads"],
         max_position_embeddings=MAX_LENGTH, hidden_act="gelu",
         bos_token_id=token_ids[BOS], eos_token_id=token_ids[EOS], pad_token_id=token_ids[PAD],
     )
@@ -188,17 +208,21 @@ def _model_index() -> dict:
     }
 
 
-def build_tiny_sd(out_dir: str | Path) -> Path:
-    """Build the tiny model into ``out_dir`` (created if needed) and return its path."""
+def build_tiny_sd(out_dir: str | Path, full_size: bool = False) -> Path:
+    """Build the tiny model (or, with ``full_size``, the SD 2.1-base architecture) into
+    ``out_dir`` (created if needed) and return its path."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"make_tiny_sd: OUT_DIR {str(out)!r} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = write_tokenizer(out / "tokenizer")
     vocab = json.loads((out / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
-    _text_encoder(vocab_size, vocab).save_pretrained(out / "text_encoder")
-    _vae().save_pretrained(out / "vae")
-    _unet().save_pretrained(out / "unet")
+    arch = SD21_BASE if full_size else TINY
+    # Full size is stored in fp16 (as the real weights are used on GPU): half the disk and time.
+    dtype = torch.float16 if full_size else torch.float32
+    _text_encoder(vocab_size, vocab, arch).to(dtype).save_pretrained(out / "text_encoder")
+    _vae(arch).to(dtype).save_pretrained(out / "vae")
+    _unet(arch).to(dtype).save_pretrained(out / "unet")
     _scheduler().save_pretrained(out / "scheduler")
     (out / "model_index.json").write_text(json.dumps(_model_index(), indent=2, sort_keys=True)
                                           + "\n", encoding="utf-8")
@@ -208,10 +232,13 @@ def build_tiny_sd(out_dir: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder to write the tiny diffusers model into")
+    parser.add_argument("--full-size", action="store_true",
+                        help="SD 2.1-base architecture with random weights (for GPU speed/memory runs)")
     args = parser.parse_args(argv)
-    path = build_tiny_sd(args.out_dir)
+    path = build_tiny_sd(args.out_dir, full_size=args.full_size)
     size_mb = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-    print(f"tiny Stable Diffusion model written to {path} ({size_mb:.2f} MB)")
+    kind = "SD 2.1-base-sized (random weights)" if args.full_size else "tiny"
+    print(f"{kind} Stable Diffusion model written to {path} ({size_mb:.2f} MB)")
     return 0
 
 

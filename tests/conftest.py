@@ -1,6 +1,12 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import os
+
+# Before torch loads: spinning OpenMP waits make small CPU ops ~20x slower whenever another
+# process (a torchrun test, a subprocess run) shares the 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from pathlib import Path
 
 import pytest

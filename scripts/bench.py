@@ -1,0 +1,172 @@
+"""Per-iteration speed of a config's stage against the diffusion floor (full-size SD 2.1-base shapes).
+
+    python scripts/bench.py --config configs/car_geometry.json --stage coarse --out docs/benchmarks/x.json
+    python scripts/bench.py --config configs/car_appearance_strategy0.json --stage appearance dmtet_grid=256
+
+Builds the SD 2.1-base architecture with random weights (no download; cached under --sd-model),
+runs the real training step of the stage (trainer.Trainer.train_step) and reports, in one process:
+median ms per iteration; the floor = the same diffusion calls alone at the same batch (coarse: the
+CFG UNet forward on 64x64 latents; fine/appearance: VAE encode forward+backward at 512^2 plus the
+UNet); their ratio; a breakdown of one step (geometry network, marching tets, rasterization +
+shading, guidance, backward, optimizer); and peak GPU memory. key=value overrides as in train.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+import distributed  # noqa: E402
+from config import load_config  # noqa: E402
+
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> list[float]:
+    """ms per call, synchronizing the device around each call."""
+    out = []
+    for i in range(warmup + iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def bench_mesh(folder: Path) -> Path:
+    """A 20k-face UV-mapped sphere for appearance benchmarks when the config's base_mesh is absent."""
+    import trimesh
+    path = folder / "bench_sphere.obj"
+    if not path.exists():
+        trimesh.creation.icosphere(subdivisions=5, radius=0.8).export(path)
+    return path
+
+
+def stage_overrides(stage: str, cfg_mode: str, tmp: Path, base_mesh_exists: bool) -> list[str]:
+    if stage == "appearance":
+        if cfg_mode != "appearance_modeling":
+            raise SystemExit("--stage appearance needs an appearance config")
+        return [] if base_mesh_exists else [f"base_mesh={bench_mesh(tmp)}"]
+    if cfg_mode != "geometry_modeling":
+        raise SystemExit(f"--stage {stage} needs a geometry config")
+    return ["coarse_iter=1000000", "iter=1000000"] if stage == "coarse" else ["coarse_iter=0"]
+
+
+def floor_fn(phase, stage: str, batch: int, device: torch.device) -> Callable[[], None]:
+    """The diffusion calls of one step alone, on random inputs of the step's shapes."""
+    sd = phase.guide.sd
+    gen = torch.Generator(device=device).manual_seed(0)
+    view = torch.zeros(batch, dtype=torch.int64, device=device)
+    t = torch.full((batch,), 500, dtype=torch.int64, device=device)
+    emb = sd.text_embeddings(view, batch)
+    if stage == "coarse":
+        z = torch.randn(batch, 4, 64, 64, device=device)
+        return lambda: sd.predict_eps(z, t, emb)
+    imgs = torch.rand(batch, 3, 512, 512, device=device, requires_grad=True)
+
+    def call() -> None:
+        lat = sd.encode_images(imgs, gen)
+        eps = sd.predict_eps(lat.detach().float(), t, emb)
+        (lat.float() * eps).sum().backward()
+    return call
+
+
+def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> dict[str, float]:
+    """Median ms of each part of one step, each timed alone with device syncs around it."""
+    from dataset.cameras import azimuth_sector, sample_train_cameras
+    cams = sample_train_cameras(trainer.cfg.batch, azimuth_sector(0, 1), trainer.cam_opts, trainer.cam_gen, device)
+    gen = trainer.noise_gen
+    parts: dict[str, Callable[[], object]] = {}
+    if stage in ("coarse", "fine"):
+        from geometry.dmtet import marching_tets
+        geo = phase.geo
+        sdf, deform = geo.sdf_and_deform()
+        verts_g = geo.deformed_verts(deform)
+        verts, faces = marching_tets(verts_g, sdf, geo.tets)
+        name = "geometry_coarse" if stage == "coarse" else "geometry_fine"
+        x = phase.render(verts, faces, cams, name)
+        parts["geometry network fwd"] = lambda: geo.sdf_and_deform()
+        parts["marching tets"] = lambda: marching_tets(verts_g, sdf, geo.tets)
+        parts["rasterization + normals"] = lambda: phase.render(verts, faces, cams, name)
+    else:
+        name = "appearance"
+        x = phase._render(cams).permute(0, 3, 1, 2).contiguous()
+        parts["rasterization + shading"] = lambda: phase._render(cams)
+    xd = x.detach().requires_grad_(True)
+    parts["guidance (sds fwd + VAE bwd)"] = lambda: phase.guide(xd, name, 1, cams, gen).loss.backward()
+    parts["optimizer step"] = lambda: trainer.optimizer.step()
+    return {k: round(statistics.median(timed(fn, device, iters, 2)), 3) for k, fn in parts.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--stage", choices=("coarse", "fine", "appearance"), required=True)
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--sd-model", default=str(Path(tempfile.gettempdir()) / "sd21_base_random"),
+                    help="SD 2.1-base-shaped model folder (built with random weights if missing)")
+    ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+
+    sd_dir = Path(args.sd_model)
+    if not (sd_dir / "model_index.json").exists():
+        from scripts.make_tiny_sd import build_tiny_sd
+        build_tiny_sd(sd_dir, full_size=True)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_"))
+    base = load_config(args.config, args.overrides)
+    from config import resolve_path
+    has_mesh = bool(base.base_mesh) and resolve_path(base.base_mesh).is_file()
+    overrides = [*args.overrides, f"sd_model={sd_dir}", "validate=false", f"out_dir={tmp / 'run'}",
+                 "guidance=stable_diffusion", *stage_overrides(args.stage, base.mode, tmp, has_mesh)]
+    cfg = load_config(args.config, overrides)
+
+    from phases import build_phase
+    from trainer import Trainer, make_generators
+    info = distributed.setup(cfg.device)
+    device = info.device
+    torch.manual_seed(cfg.seed)
+    phase = build_phase(cfg, info, tmp)
+    trainer = Trainer(cfg, info, phase, tmp, make_generators(cfg.seed, info))
+    phase.prepare(resumed=False)
+    it0 = 0 if args.stage != "fine" else 1  # fine: iterations past coarse_iter=0
+    step_ms = [trainer.train_step(it0 + i + 1)["ms"] for i in range(args.warmup + args.iters)][args.warmup:]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.train_step(it0 + args.warmup + args.iters + 1)
+    peak_step = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    floor = timed(floor_fn(phase, args.stage, cfg.batch, device), device, args.iters, args.warmup)
+    parts = breakdown(phase, trainer, args.stage, device, max(5, args.iters // 3))
+    med, fl = statistics.median(step_ms), statistics.median(floor)
+    result = {"config": args.config, "stage": args.stage, "overrides": args.overrides, "batch": cfg.batch,
+              "train_res": cfg.train_res, "dmtet_grid": cfg.dmtet_grid,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "raster_backend": phase.ctx.backend,
+              "encoder_backend": getattr(getattr(phase, "geo", None), "sdf_net", None) and phase.geo.sdf_net.backend,
+              "iteration_ms_median": round(med, 3), "iteration_ms_all": [round(v, 3) for v in step_ms],
+              "floor_ms_median": round(fl, 3), "ratio": round(med / fl, 3), "breakdown_ms": parts,
+              "peak_mem_gib": round(peak_step, 3) if peak_step is not None else None}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(f"{args.config} {args.stage}: {med:.1f} ms/it, floor {fl:.1f} ms, ratio {med / fl:.3f}, "
+          f"peak {result['peak_mem_gib']} GiB; breakdown {parts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
