@@ -137,8 +137,8 @@ class Trainer:
         self.params = phase.parameters()
         # AdamW as published (betas 0.9/0.99, eps 1e-15).
         self.optimizer = torch.optim.AdamW(self.params, lr=phase.lr, betas=(0.9, 0.99), eps=1e-15)
-        self.amp = info.device.type == "cuda"  # mixed precision + grad scaler on CUDA, fp32 on CPU
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # Mixed precision on CUDA (fp16 diffusion model) needs a grad scaler; fp32 on CPU needs none.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda")
         self.cam_opts = camera_options(cfg)
         self.start_it = 0
         self.skipped_total = 0
@@ -199,8 +199,9 @@ class Trainer:
         vrank = self.info.rank + self.info.world_size * j      # the rank this micro-step stands in for
         sector = azimuth_sector(vrank, self.virtual_world)
         cams = sample_train_cameras(self.cfg.batch, sector, self.cam_opts, self.cam_gen, self.info.device)
-        with torch.autocast(device_type=self.info.device.type, dtype=torch.float16, enabled=self.amp):
-            result = self.phase.step(it, cams, self.noise_gen)
+        # No autocast: geometry, rendering and the material run in fp32; the diffusion model holds
+        # fp16 weights on CUDA and casts its inputs itself. The grad scaler protects that fp16 backward.
+        result = self.phase.step(it, cams, self.noise_gen)
         if not result.skipped:
             # Mean over micro-steps, so K/W accumulated micro-steps equal one K-GPU step.
             self.scaler.scale(result.loss / self.micro_steps).backward()
@@ -247,9 +248,19 @@ class Trainer:
                 "device=cpu to rule out fp16 overflow, or resume from the last checkpoint.")
 
     # -------------------------------------------------------------------------------- I/O (rank 0)
+    def param_checksum(self) -> list[float]:
+        """(sum, sum of squares) of all parameters in float64: equal on every rank iff in sync."""
+        with torch.no_grad():
+            flat = [p.detach().double().reshape(-1) for p in self.params]
+            return [float(sum(f.sum() for f in flat)), float(sum((f * f).sum() for f in flat))]
+
     def log(self, record: dict[str, Any]) -> None:
         # Collective: every rank's azimuths go into rank 0's log line (shows the per-rank sectors).
         record["azimuth_deg"] = distributed.gather_floats(record["azimuth_deg"], self.info)
+        if record["it"] % self.cfg.save_interval == 0 or record["it"] == self.cfg.iter:
+            # Collective, at save points only (cheap): every rank's parameter checksum, so the log
+            # shows that all ranks hold identical parameters.
+            record["param_checksum"] = distributed.gather_floats(self.param_checksum(), self.info)
         if self.info.device.type == "cuda":
             record["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**20, 1)
         if self.info.is_main:
