@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -126,6 +127,34 @@ def tet_edges(tets_tx4: torch.Tensor) -> torch.Tensor:
     return torch.unique(edges, dim=0)
 
 
+class TetTopology(NamedTuple):
+    """Static edge topology of a tet grid, computed once (DMTetGeometry keeps it as buffers).
+
+    edges:     [E, 2] int64 unique undirected edges, rows sorted (a < b), rows in lexicographic
+               order (identical to `tet_edges`).
+    tet_edges: [T, 6] int32 (or int64) global edge id of each tet's local edge TET_EDGES[k].
+    """
+
+    edges: torch.Tensor
+    tet_edges: torch.Tensor
+
+
+def tet_topology(tets_tx4: torch.Tensor) -> TetTopology:
+    """Edges of a tet mesh and, for every tet, the ids of its 6 edges (one sort, at setup time)."""
+    n = int(tets_tx4.max()) + 1 if tets_tx4.numel() else 0
+    local = torch.tensor(TET_EDGES, device=tets_tx4.device)                      # [6, 2]
+    pairs = tets_tx4[:, local]                                                   # [T, 6, 2]
+    lo, hi = torch.minimum(pairs[..., 0], pairs[..., 1]), torch.maximum(pairs[..., 0], pairs[..., 1])
+    del pairs
+    keys = (lo * n + hi).reshape(-1)                                             # a*V + b: lexicographic
+    del lo, hi
+    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    del keys
+    edges = torch.stack([uniq // n, uniq % n], dim=1) if n else uniq.new_zeros(0, 2)
+    idx_dtype = torch.int32 if uniq.numel() < 2 ** 31 else torch.int64
+    return TetTopology(edges=edges, tet_edges=inverse.reshape(-1, 6).to(idx_dtype))
+
+
 # ----------------------------------------------------------------------------------------------
 # Marching tets
 # ----------------------------------------------------------------------------------------------
@@ -173,8 +202,8 @@ def _triangle_table() -> tuple[torch.Tensor, torch.Tensor]:
 _TRI_TABLE, _NUM_TRIS = _triangle_table()
 
 
-def marching_tets(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def marching_tets(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor,
+                  topology: TetTopology | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Extract the sdf = 0 surface of a tet mesh.
 
     Returns (verts [Nv, 3], faces [Nf, 3] int64); empty tensors when there is no crossing. The
@@ -182,7 +211,15 @@ def marching_tets(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.
     sdf of opposite signs, at v = (p_a * (-s_b) + p_b * s_a) / (s_a - s_b), differentiable w.r.t.
     both `verts_vx3` and `sdf_v`. Output vertices are shared by all triangles using the same grid
     edge, so a closed zero set gives a watertight mesh; faces wind outward (sdf < 0 inside).
+
+    `topology` (optional, `tet_topology(tets_tx4)` precomputed once): no per-call edge sort or
+    unique, and a single device->host sync per call (all output sizes and the non-finite check
+    are read together). The output is identical with and without it: vertices are ordered by
+    grid edge (a, b) lexicographically, faces as all first triangles of the crossing tets in tet
+    order followed by the second triangles of the two-triangle tets.
     """
+    if topology is not None:
+        return _marching_tets_topo(verts_vx3, sdf_v, tets_tx4, topology)
     _check_marching_inputs(verts_vx3, sdf_v, tets_tx4)
     device = verts_vx3.device
     with torch.no_grad():
@@ -220,7 +257,74 @@ def marching_tets(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.
     return out_verts, faces_fx3
 
 
+_DEVICE_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(triangle table [16, 2, 3] int64, bit weights [4] uint8) on `device`, copied there once."""
+    tables = _DEVICE_TABLES.get(device)
+    if tables is None:
+        tables = (_TRI_TABLE.to(device), torch.tensor([1, 2, 4, 8], dtype=torch.uint8, device=device))
+        _DEVICE_TABLES[device] = tables
+    return tables
+
+
+def _marching_tets_topo(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor,
+                        topo: TetTopology) -> tuple[torch.Tensor, torch.Tensor]:
+    """marching_tets with precomputed edges: one host sync, no sort, same output."""
+    _check_marching_shapes(verts_vx3, sdf_v, tets_tx4)
+    if topo.tet_edges.shape != (tets_tx4.shape[0], 6) or topo.edges.ndim != 2 or topo.edges.shape[1] != 2:
+        raise ValueError(f"marching_tets: 'topology' does not match the tets: tet_edges "
+                         f"{tuple(topo.tet_edges.shape)} for {tets_tx4.shape[0]} tets, edges "
+                         f"{tuple(topo.edges.shape)}")
+    table, bits = _device_tables(verts_vx3.device)
+    with torch.no_grad():
+        sdf_d = sdf_v.detach()
+        inside_u8 = (sdf_d < 0).to(torch.uint8)                                 # [V]
+        corner = inside_u8[tets_tx4]                                             # [T, 4] uint8
+        n_in = corner.sum(1, dtype=torch.uint8)                                  # [T] corners inside
+        active = (n_in > 0) & (n_in < 4)                                         # crosses the surface
+        crossing = inside_u8[topo.edges[:, 0]] != inside_u8[topo.edges[:, 1]]    # [E]
+        counts = torch.stack([(~torch.isfinite(sdf_d)).sum(), active.sum(), (n_in == 2).sum(),
+                              crossing.sum()])
+        n_bad, n_act, n_two, n_cross = counts.tolist()                         # the one host sync
+        if n_bad:
+            _raise_nonfinite(n_bad, sdf_v)
+        act = torch.nonzero_static(active, size=n_act).squeeze(1)                # [Ta] in tet order
+        act_corner = corner[act]                                                 # [Ta, 4]
+        code = (act_corner * bits).sum(1)                                        # [Ta] int64 in 1..14
+        vid = torch.cumsum(crossing, 0) - 1                                      # [E] id at crossing edges
+        edge_vid = vid[topo.tet_edges[act]]                                      # [Ta, 6]
+        tri = table[code]                                                        # [Ta, 2, 3]
+        faces0 = torch.gather(edge_vid, 1, tri[:, 0])                            # [Ta, 3]
+        two = torch.nonzero_static(n_in[act] == 2, size=n_two).squeeze(1)        # [Ta2]
+        faces1 = torch.gather(edge_vid[two], 1, tri[two, 1])                     # [Ta2, 3]
+        faces_fx3 = torch.cat([faces0, faces1], 0)
+        cross_ab = topo.edges[torch.nonzero_static(crossing, size=n_cross).squeeze(1)]  # [Nv, 2]
+        ia, ib = cross_ab[:, 0].contiguous(), cross_ab[:, 1].contiguous()
+
+    if verts_vx3.is_cuda:
+        # index_select: the same values as indexing, but its backward is an atomic index_add
+        # instead of the sort-based index_put of indexing (slower, and only needed for determinism).
+        s_a, s_b = sdf_v.index_select(0, ia)[:, None], sdf_v.index_select(0, ib)[:, None]
+        p_a, p_b = verts_vx3.index_select(0, ia), verts_vx3.index_select(0, ib)
+    else:  # indexing, as the reference path: bit-identical gradients on CPU
+        s_a, s_b = sdf_v[ia][:, None], sdf_v[ib][:, None]
+        p_a, p_b = verts_vx3[ia], verts_vx3[ib]
+    # s_a and s_b have opposite signs (one < 0, one >= 0), so the denominator is never zero.
+    out_verts = (p_a * (-s_b) + p_b * s_a) / (s_a - s_b)
+    return out_verts, faces_fx3
+
+
 def _check_marching_inputs(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
+                           ) -> None:
+    _check_marching_shapes(verts_vx3, sdf_v, tets_tx4)
+    n_bad = int((~torch.isfinite(sdf_v.detach())).sum())
+    if n_bad:
+        _raise_nonfinite(n_bad, sdf_v)
+
+
+def _check_marching_shapes(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
                            ) -> None:
     if verts_vx3.ndim != 2 or verts_vx3.shape[1] != 3:
         raise ValueError(f"marching_tets: 'verts' must be [V, 3]; got {tuple(verts_vx3.shape)}")
@@ -230,10 +334,11 @@ def _check_marching_inputs(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx
     if tets_tx4.ndim != 2 or tets_tx4.shape[1] != 4 or tets_tx4.dtype != torch.int64:
         raise ValueError(f"marching_tets: 'tets' must be [T, 4] int64; "
                          f"got {tuple(tets_tx4.shape)} {tets_tx4.dtype}")
-    n_bad = int((~torch.isfinite(sdf_v.detach())).sum())
-    if n_bad:
-        raise ValueError(f"marching_tets: 'sdf' has {n_bad} non-finite values of {sdf_v.numel()}; "
-                         "the SDF network diverged (check the learning rate and loss scaling)")
+
+
+def _raise_nonfinite(n_bad: int, sdf_v: torch.Tensor) -> None:
+    raise ValueError(f"marching_tets: 'sdf' has {n_bad} non-finite values of {sdf_v.numel()}; "
+                     "the SDF network diverged (check the learning rate and loss scaling)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,10 +385,18 @@ class DMTetGeometry(nn.Module):
         device = torch.device(device)
         self.register_buffer("grid_verts", torch.from_numpy(verts).to(device) * self.mesh_scale)
         self.register_buffer("tets", torch.from_numpy(tets).to(device))
-        self.register_buffer("edges", tet_edges(self.tets))
+        topo = tet_topology(self.tets)
+        self.register_buffer("edges", topo.edges)
+        # Static per-tet edge ids for marching_tets; derived from `tets`, so not in the state dict.
+        self.register_buffer("tet_edge_ids", topo.tet_edges, persistent=False)
         half = 0.5 * self.mesh_scale
         aabb_2x3 = torch.tensor([[-half] * 3, [half] * 3], dtype=torch.float32, device=device)
         self.sdf_net = SDFNetwork(aabb_2x3, encoder_opts, backend=backend)
+
+    @property
+    def topology(self) -> TetTopology:
+        """Precomputed edge topology of the grid (pass it to marching_tets)."""
+        return TetTopology(self.edges, self.tet_edge_ids)
 
     @property
     def aabb(self) -> torch.Tensor:
@@ -300,7 +413,7 @@ class DMTetGeometry(nn.Module):
     def extract_with_sdf(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(verts [Nv, 3], faces [Nf, 3] int64, sdf [V]); raises EmptyMeshError without triangles."""
         sdf, deform = self.sdf_and_deform()
-        verts, faces = marching_tets(self.deformed_verts(deform), sdf, self.tets)
+        verts, faces = marching_tets(self.deformed_verts(deform), sdf, self.tets, self.topology)
         if faces.shape[0] == 0:
             raise EmptyMeshError(_empty_mesh_message(sdf.detach(), self.grid_res, self.mesh_scale))
         return verts, faces, sdf

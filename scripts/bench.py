@@ -94,11 +94,11 @@ def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> d
         geo = phase.geo
         sdf, deform = geo.sdf_and_deform()
         verts_g = geo.deformed_verts(deform)
-        verts, faces = marching_tets(verts_g, sdf, geo.tets)
+        verts, faces = marching_tets(verts_g, sdf, geo.tets, geo.topology)
         name = "geometry_coarse" if stage == "coarse" else "geometry_fine"
         x = phase.render(verts, faces, cams, name)
         parts["geometry network fwd"] = lambda: geo.sdf_and_deform()
-        parts["marching tets"] = lambda: marching_tets(verts_g, sdf, geo.tets)
+        parts["marching tets"] = lambda: marching_tets(verts_g, sdf, geo.tets, geo.topology)
         parts["rasterization + normals"] = lambda: phase.render(verts, faces, cams, name)
     else:
         name = "appearance"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from geometry.dmtet import (TET_CACHE_DIR, DMTetGeometry, EmptyMeshError, TetGridError,
-                            marching_tets, sdf_sign_change_loss, tet_edges, tet_grid)
+                            marching_tets, sdf_sign_change_loss, tet_edges, tet_grid, tet_topology)
 from geometry.hashgrid import HashGridOptions
 
 SMALL_GRID = HashGridOptions(log2_hashmap_size=12)  # keeps CPU tests fast; defaults tested elsewhere
@@ -184,3 +184,84 @@ def test_dmtet_mesh_returns_render_mesh() -> None:
     assert isinstance(mesh, mesh_mod.Mesh)
     assert mesh.v_pos.shape[1] == 3 and mesh.t_pos_idx.dtype == torch.int64
     assert mesh.v_nrm is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Precomputed-topology marching tets (one host sync, no sort) against the reference path
+# ------------------------------------------------------------------------------------------------
+
+def test_tet_topology_matches_tet_edges_and_tets() -> None:
+    _, tets = tet_grid(8)
+    t = torch.from_numpy(tets)
+    topo = tet_topology(t)
+    assert torch.equal(topo.edges, tet_edges(t))
+    assert topo.tet_edges.shape == (t.shape[0], 6) and topo.tet_edges.dtype == torch.int32
+    ends = topo.edges[topo.tet_edges.long()]                                   # [T, 6, 2]
+    local = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    expected = torch.sort(t[:, local], dim=2).values
+    assert torch.equal(ends, expected)
+
+
+@pytest.mark.parametrize("res,kind", [(6, "sphere"), (16, "noisy"), (32, "random"), (64, "noisy")])
+def test_marching_tets_topology_path_identical_to_reference(res: int, kind: str) -> None:
+    verts, tets = tet_grid(res)
+    v0, t = torch.from_numpy(verts), torch.from_numpy(tets)
+    gen = torch.Generator().manual_seed(res)
+    sdf0 = v0.norm(dim=1) - 0.3
+    if kind == "noisy":
+        sdf0 = sdf0 + 0.05 * torch.randn(v0.shape[0], generator=gen)
+    elif kind == "random":
+        sdf0 = torch.randn(v0.shape[0], generator=gen)
+    topo = tet_topology(t)
+    outs, grads = [], []
+    for args in ((), (topo,)):
+        v, sdf = v0.clone().requires_grad_(), sdf0.clone().requires_grad_()
+        out_v, faces = marching_tets(v, sdf, t, *args)
+        w = torch.linspace(-1, 1, out_v.numel()).reshape(out_v.shape)
+        (out_v * w).sum().backward()
+        outs.append((out_v.detach(), faces))
+        grads.append((v.grad, sdf.grad))
+    (rv, rf), (nv, nf) = outs
+    assert nf.shape[0] > 0 and nf.dtype == torch.int64
+    assert torch.equal(rv, nv) and torch.equal(rf, nf)          # same order, same bits
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_marching_tets_topology_path_empty_and_nan() -> None:
+    verts, tets = tet_grid(8)
+    v, t = torch.from_numpy(verts), torch.from_numpy(tets)
+    topo = tet_topology(t)
+    for value in (1.0, -1.0):
+        out_v, faces = marching_tets(v, torch.full((v.shape[0],), value), t, topo)
+        assert out_v.shape == (0, 3) and faces.shape == (0, 3) and faces.dtype == torch.int64
+    sdf = torch.zeros(v.shape[0])
+    sdf[3] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        marching_tets(v, sdf, t, topo)
+    with pytest.raises(ValueError, match="topology"):
+        marching_tets(v, sdf, t[:-1], topo)
+
+
+def test_marching_tets_topology_gradcheck() -> None:
+    verts, tets = tet_grid(6)
+    v = torch.from_numpy(verts).double()
+    gen = torch.Generator().manual_seed(0)
+    sdf = v.norm(dim=1) - 0.3 + 0.05 * torch.rand(v.shape[0], generator=gen, dtype=torch.float64)
+    sdf = torch.where(sdf.abs() < 1e-3, sdf + 2e-3, sdf)
+    t = torch.from_numpy(tets)
+    topo = tet_topology(t)
+    assert torch.autograd.gradcheck(lambda s: marching_tets(v, s, t, topo)[0],
+                                    (sdf.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda p: marching_tets(p, sdf, t, topo)[0],
+                                    (v.clone().requires_grad_(),), eps=1e-6, atol=1e-6)
+
+
+def test_dmtet_geometry_uses_topology_and_keeps_state_dict() -> None:
+    geo = DMTetGeometry(16, 2.0, SMALL_GRID, backend="torch")
+    assert "tet_edge_ids" not in geo.state_dict() and "edges" in geo.state_dict()
+    assert torch.equal(geo.edges, tet_edges(geo.tets))
+    sdf_target = geo.grid_verts.norm(dim=1) - 0.5
+    geo.sdf_and_deform = lambda: (sdf_target, torch.zeros_like(geo.grid_verts))  # type: ignore
+    verts, faces = geo.extract()
+    ref_v, ref_f = marching_tets(geo.grid_verts, sdf_target, geo.tets)
+    assert torch.equal(verts, ref_v) and torch.equal(faces, ref_f)
