@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from render import raster
-from render.mesh import Mesh, compute_vertex_normals
+from render.mesh import _safe_normalize
 
 
 class NormalRenderError(ValueError):
@@ -46,36 +46,69 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
     - Composited over black and antialiased, so silhouettes carry gradients to `verts_vx3`.
     """
     b = _check_inputs(verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, normal_rotate_bx3x3)
+    f = faces_fx3.long()
     tri = faces_fx3.to(torch.int32)
-    mesh = compute_vertex_normals(Mesh(v_pos=verts_vx3, t_pos_idx=faces_fx3.long()))
+    # Face normals once: they make the vertex normals and, detached, the two-sided test.
+    face_n, v_nrm = _face_and_vertex_normals(verts_vx3, f)
 
     homog = torch.cat([verts_vx3, torch.ones_like(verts_vx3[:, :1])], dim=1)      # [V, 4]
     pos_clip = torch.einsum("bij,vj->bvi", mvp_bx4x4, homog).contiguous()           # [B, V, 4]
     rast, _ = raster.rasterize(ctx, pos_clip, tri, resolution, grad_db=False)
     mask = (rast[..., 3:4] > 0).float()                                             # [B, H, W, 1]
 
-    gb_pos, _ = raster.interpolate(verts_vx3[None].contiguous(), rast, tri, backend=ctx)
-    gb_nrm, _ = raster.interpolate(mesh.v_nrm[None].contiguous(), rast, tri, backend=ctx)
+    gb_nrm, _ = raster.interpolate(v_nrm[None].contiguous(), rast, tri, backend=ctx)
     gb_nrm = gb_nrm / torch.sqrt(torch.clamp((gb_nrm * gb_nrm).sum(-1, keepdim=True), min=1e-20))
 
     # Two-sided: the sign comes from the geometric normal, which is what "facing away" means.
-    tid = rast[..., 3].detach().long() - 1                                          # [B, H, W]
+    # A triangle is planar, so (campos - p) . n_f has one sign for every point p of the face:
+    # it is evaluated per (camera, face) and looked up per pixel together with the mask
+    # (entry 0 = background), instead of interpolating positions and gathering normals per pixel.
     with torch.no_grad():
-        v = verts_vx3.detach()
-        f = faces_fx3.long()
-        face_n = torch.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]], dim=-1)   # [F, 3]
-        geo_n = face_n[tid.clamp(min=0)]                                            # [B, H, W, 3]
-        view = campos_bx3[:, None, None, :] - gb_pos.detach()
-        facing = ((geo_n * view).sum(-1, keepdim=True) >= 0).float()
-    gb_nrm = gb_nrm * (2.0 * facing - 1.0)
+        n_f = face_n.detach()
+        v0 = verts_vx3.detach()[f[:, 0]]
+        view_dot = torch.mm(campos_bx3, n_f.t()) - (v0 * n_f).sum(-1)               # [B, F]
+        sign_bf = torch.where(view_dot >= 0, 1.0, -1.0).to(gb_nrm.dtype)
+        table = torch.cat([sign_bf.new_zeros(b, 1), sign_bf], dim=1)               # [B, F + 1]
+        tid = rast[..., 3].long().reshape(b, -1)                                    # face id + 1, 0 = none
+        scale = torch.gather(table, 1, tid).reshape(*rast.shape[:3], 1)             # +-1 covered, 0 outside
 
+    # Multiplying by +-1 / 0 is exact and commutes with the rotation and with the flip (which
+    # comes after the sign), so this equals (sign * n) @ R, flipped, times the mask.
     if normal_rotate_bx3x3 is not None:
         gb_nrm = torch.einsum("bhwi,bij->bhwj", gb_nrm, normal_rotate_bx3x3)
+    gb_nrm = gb_nrm * scale
     if flip_normal:
         gb_nrm = torch.cat([-gb_nrm[..., :1].abs(), gb_nrm[..., 1:]], dim=-1)    # x > 0 -> -x
 
-    image = torch.cat([gb_nrm * mask, mask], dim=-1)                              # black background
+    image = torch.cat([gb_nrm, mask], dim=-1)                                       # black background
     return raster.antialias(image.contiguous(), rast, pos_clip, tri, backend=ctx)
+
+
+def _face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """(face normals [F, 3] of length 2 * area, area-weighted unit vertex normals [V, 3]).
+
+    The same operations as render.mesh.compute_vertex_normals (bit-identical vertex normals),
+    returning the face normals as well so the caller does not compute them a second time.
+    """
+    v0, v1, v2 = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]                                # [F, 3] each
+    face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)
+    acc = torch.zeros_like(v)
+    for k in range(3):
+        acc = acc.index_add(0, f[:, k], face_n)
+    length2 = (acc * acc).sum(-1, keepdim=True)
+    acc = torch.where(length2 > 1e-20, acc, _unit_z(v.dtype, v.device).expand_as(acc))
+    return face_n, _safe_normalize(acc)
+
+
+_UNIT_Z: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _unit_z(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(0, 0, 1) on `device`, copied there once (no host-to-device copy per call)."""
+    key = (dtype, device)
+    if key not in _UNIT_Z:
+        _UNIT_Z[key] = torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device)
+    return _UNIT_Z[key]
 
 
 def normal_to_display(normal_mask_bxhxwx4: Tensor) -> Tensor:
