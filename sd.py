@@ -216,7 +216,6 @@ class SpecifyGradient(torch.autograd.Function):
         return (grad.float() * grad_output.float()).to(ctx.latents_dtype), None
 
 
-@dataclass
 class SDSResult:
     """One SDS evaluation.
 
@@ -225,18 +224,53 @@ class SDSResult:
     t:          [B] int64 time steps used.
     nonfinite:  number of non-finite entries of grad.
     skipped:    True when nonfinite > 0: the caller must not step the optimizer this iteration.
+
+    ``loss_value``, ``nonfinite`` and ``skipped`` are read from the device on first access (one
+    transfer for all three), not when the result is made: a caller that first queues the backward
+    (the injected gradient is already zero when skipped, decided on the device) and reads them
+    afterwards lets the host run ahead of the diffusion model. ``stats`` ([2] float32: non-finite
+    count, loss value) and ``skipped_flag`` (0-dim bool) are the device-side values.
     """
 
-    loss: Tensor
-    loss_value: float
-    t: Tensor
-    nonfinite: int
-    skipped: bool
+    __slots__ = ("loss", "t", "stats", "skipped_flag", "_host")
+
+    def __init__(self, loss: Tensor, t: Tensor, stats: Tensor, skipped_flag: Tensor) -> None:
+        self.loss, self.t, self.stats, self.skipped_flag = loss, t, stats, skipped_flag
+        self._host: tuple[float, int] | None = None
+
+    def _read(self) -> tuple[float, int]:
+        if self._host is None:
+            nonfinite, loss_value = self.stats.tolist()  # one host sync for both numbers
+            self._host = (loss_value, int(nonfinite))
+        return self._host
+
+    def set_host_values(self, stats: list[float]) -> None:
+        """Provide ``stats.tolist()`` read by the caller (e.g. together with other values)."""
+        self._host = (stats[1], int(stats[0]))
+
+    @property
+    def loss_value(self) -> float:
+        return self._read()[0]
+
+    @property
+    def nonfinite(self) -> int:
+        return self._read()[1]
+
+    @property
+    def skipped(self) -> bool:
+        return self._read()[1] > 0
+
+    def __repr__(self) -> str:
+        state = "unread" if self._host is None else f"loss_value={self._host[0]}, nonfinite={self._host[1]}"
+        return f"SDSResult(loss={self.loss!r}, t={self.t!r}, {state})"
 
 
 def sds_from_eps(latents: Tensor, noise: Tensor, t: Tensor, eps_hat: Tensor,
                  w: Tensor) -> SDSResult:
-    """Core SDS: grad = w(t) * (eps_hat - eps), injected into ``latents`` [B, C, h, w]."""
+    """Core SDS: grad = w(t) * (eps_hat - eps), injected into ``latents`` [B, C, h, w].
+
+    No host sync: the skip decision (any non-finite entry) zeroes the injected gradient on the
+    device; the counts are read when the result's host-side fields are first accessed."""
     for name, x in (("noise", noise), ("eps_hat", eps_hat)):
         if x.shape != latents.shape:
             raise ValueError(f"{name}: expected the latents' shape {tuple(latents.shape)}, "
@@ -246,14 +280,13 @@ def sds_from_eps(latents: Tensor, noise: Tensor, t: Tensor, eps_hat: Tensor,
         if x.shape != (batch,):
             raise ValueError(f"{name}: expected shape ({batch},), got {tuple(x.shape)}")
     grad = w.float().view(-1, 1, 1, 1) * (eps_hat.float() - noise.float())  # [B, C, h, w]
-    stats = torch.stack([(~torch.isfinite(grad)).sum().float(), 0.5 * grad.pow(2).mean()])
-    nonfinite, loss_value = stats.tolist()  # one host sync for both numbers
-    skipped = nonfinite > 0
+    n_bad = (~torch.isfinite(grad)).sum()
+    stats = torch.stack([n_bad.float(), 0.5 * grad.pow(2).mean()])
+    skipped = n_bad > 0
     # A skipped step injects zeros so nothing non-finite reaches .grad; `skipped` says "no step".
-    injected = torch.zeros_like(grad) if skipped else grad
+    injected = grad.masked_fill(skipped, 0.0)
     loss = SpecifyGradient.apply(latents, injected)
-    return SDSResult(loss=loss, loss_value=loss_value, t=t, nonfinite=int(nonfinite),
-                     skipped=skipped)
+    return SDSResult(loss=loss, t=t, stats=stats, skipped_flag=skipped)
 
 
 # --------------------------------------------------------------------------- model location

@@ -500,3 +500,16 @@ def test_local_folder_not_a_diffusers_model(tmp_path: Path) -> None:
     (folder / "model_index.json").unlink()
     with pytest.raises(InvalidModelFolderError, match="model_index.json"):
         StableDiffusionGuidance(GuidanceOptions(sd_model=str(folder)), "cpu")
+
+
+def test_sds_result_reads_host_values_lazily() -> None:
+    latents = torch.randn(1, 4, 2, 2, requires_grad=True)
+    noise, eps_hat = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    eps_hat[0, 1, 1, 1] = float("inf")
+    result = sds_from_eps(latents, noise, torch.tensor([10]), eps_hat, torch.tensor([2.0]))
+    assert "unread" in repr(result)                                  # nothing read from the device yet
+    assert bool(result.skipped_flag) and result.stats.shape == (2,)
+    result.loss.backward()                                           # queued before any host read
+    assert torch.equal(latents.grad, torch.zeros_like(latents))
+    result.set_host_values(result.stats.tolist())
+    assert result.nonfinite == 1 and result.skipped and result.loss_value == float("inf")
