@@ -67,22 +67,28 @@ def shade_gbuffer(gb_pos: Tensor, gb_normal: Tensor, mask: Tensor, view_pos: Ten
     ((n + 1) / 2). Only covered pixels are evaluated by the material network."""
     _check(gb_pos, gb_normal, gb_tangent, mask, view_pos, mode, use_bump)
     bsz = gb_pos.shape[0]
-    cam = view_pos.reshape(bsz, 1, 1, 3).expand_as(gb_pos)
-    sel = mask[..., 0] > 0                                   # [B, H, W]
-    pos = gb_pos[sel]                                        # [N, 3]
+    # The covered pixels as one flat index (row-major, the order of boolean-mask indexing): a
+    # single nonzero (host sync) for the whole call; every gather/scatter below reuses it.
+    idx = (mask[..., 0] > 0).reshape(-1).nonzero().squeeze(1)                # [N]
+
+    def take(x: Tensor) -> Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, idx)
+
+    pos = take(gb_pos)                                       # [N, 3]
     mat = material(pos)
+    cam = view_pos.reshape(bsz, 3).index_select(0, idx // (gb_pos.shape[1] * gb_pos.shape[2]))  # [N, 3]
 
     # Two-sided shading: a normal facing away from the camera is flipped so that back faces
     # seen through holes are lit like front faces instead of turning black.
-    wo = safe_normalize(cam[sel] - pos)
-    n = safe_normalize(gb_normal[sel])
+    wo = safe_normalize(cam - pos)
+    n = safe_normalize(take(gb_normal))
     n = torch.where(dot(n, wo) < 0, -n, n)
     if use_bump:
         assert gb_tangent is not None
-        n = perturb_normal(mat["nrm"], n, gb_tangent[sel])
+        n = perturb_normal(mat["nrm"], n, take(gb_tangent))
 
     if mode in ("pbr", "diffuse"):
-        color = linear_to_srgb(light.shade(pos, n, mat["kd"], mat["ks"], cam[sel], specular=(mode == "pbr")))
+        color = linear_to_srgb(light.shade(pos, n, mat["kd"], mat["ks"], cam, specular=(mode == "pbr")))
     elif mode == "kd":
         color = linear_to_srgb(mat["kd"])
     elif mode == "ks":
@@ -91,8 +97,8 @@ def shade_gbuffer(gb_pos: Tensor, gb_normal: Tensor, mask: Tensor, view_pos: Ten
         color = (n + 1.0) * 0.5
 
     def scatter(values: Tensor) -> Tensor:
-        out = gb_pos.new_zeros(*gb_pos.shape[:-1], values.shape[-1])
-        return out.index_put((sel,), values.to(out.dtype))
+        out = gb_pos.new_zeros(gb_pos.shape[:-1].numel(), values.shape[-1])
+        return out.index_put((idx,), values.to(out.dtype)).reshape(*gb_pos.shape[:-1], values.shape[-1])
 
     alpha = mask.clamp(0.0, 1.0)
     image = scatter(color.clamp(0.0, 1.0))

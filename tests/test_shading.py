@@ -76,3 +76,41 @@ def test_argument_errors(light):
         shade_gbuffer(pos, nrm, mask, view, mat, light, background="grey")
     with pytest.raises(ShadingError, match="mask"):
         shade_gbuffer(pos, nrm, mask[..., 0], view, mat, light)
+
+
+def _reference_shade_gbuffer():
+    """The previous boolean-mask implementation (git history), loaded as the reference."""
+    import subprocess
+    import sys
+    import types
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "show", "775c342:render/shading.py"], cwd=root, capture_output=True,
+                         text=True)
+    if src.returncode != 0:
+        pytest.skip("reference revision not available (no git history)")
+    mod = types.ModuleType("_ref_shading")
+    sys.modules["_ref_shading"] = mod          # dataclasses look their module up there
+    exec(compile(src.stdout, "_ref_shading.py", "exec"), mod.__dict__)
+    return mod.shade_gbuffer
+
+
+@pytest.mark.parametrize("mode,use_bump", [("pbr", True), ("pbr", False), ("diffuse", False), ("normal", True)])
+def test_indexed_gather_matches_boolean_mask_reference(light, mode, use_bump):
+    ref = _reference_shade_gbuffer()
+    torch.manual_seed(0)
+    mat = MaterialMLP(FourierEncoder(), **PUBLISHED)
+    pos, nrm, tng, mask, view = sphere_gbuffer(b=3)
+    view = view + torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.2, 0.0], [-0.3, 0.1, 0.4]])
+    outs = []
+    for fn in (ref, shade_gbuffer):
+        mat.zero_grad()
+        p = pos.clone().requires_grad_(True)
+        out = fn(p, nrm, mask, view, mat, light, gb_tangent=tng, use_bump=use_bump, mode=mode)
+        (out.rgb.sum() + out.kd.sum() + 0.5 * out.normal.sum()).backward()
+        outs.append((out, p.grad, [q.grad.clone() for q in mat.parameters() if q.grad is not None]))
+    (a, ga, pa), (b, gb, pb) = outs
+    for name in ("rgb", "alpha", "kd", "ks", "normal"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(ga, gb)
+    assert len(pa) == len(pb) and all(torch.equal(x, y) for x, y in zip(pa, pb))
