@@ -150,8 +150,7 @@ class GeometryPhase:
         verts, faces = self.geo.extract()
         x = self.render(verts, faces, cams, stage)
         sds = self.guide(x, stage, it, cams, generator)
-        return StepResult(loss=sds.loss, loss_value=sds.loss_value, nonfinite=sds.nonfinite, skipped=sds.skipped,
-                          extra={"faces": float(faces.shape[0])})
+        return StepResult(loss=sds.loss, sds=sds, extra={"faces": float(faces.shape[0])})
 
     def _normals(self, cams: CameraBatch) -> np.ndarray:
         verts, faces = self.geo.extract()

@@ -98,7 +98,7 @@ class AppearancePhase:
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         x = self._render(cams).permute(0, 3, 1, 2).contiguous()                     # [B, 3, H, W] sRGB
         sds = self.guide(x, "appearance", it, cams, generator)
-        return StepResult(loss=sds.loss, loss_value=sds.loss_value, nonfinite=sds.nonfinite, skipped=sds.skipped)
+        return StepResult(loss=sds.loss, sds=sds)
 
     # ------------------------------------------------------------------------------------ output
     def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]:

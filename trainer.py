@@ -6,6 +6,7 @@ atomic checkpoints, exact resume, Ctrl-C handling and the final export.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,10 +39,22 @@ class TrainingError(RuntimeError):
 @dataclass
 class StepResult:
     loss: torch.Tensor              # 0-dim; backward() puts the SDS gradient into the parameters
-    loss_value: float               # for logging
-    nonfinite: int                  # non-finite gradient entries the guidance saw
-    skipped: bool                   # True: do not step the optimizer this iteration
+    loss_value: float | None = None  # for logging
+    nonfinite: int | None = None    # non-finite gradient entries the guidance saw
+    skipped: bool | None = None     # True: do not step the optimizer this iteration
     extra: dict[str, float] = field(default_factory=dict)
+    # Deferred form: an sd.SDSResult whose loss already injects zeros when skipped; the trainer
+    # then queues the backward first and reads loss_value/nonfinite/skipped afterwards, in one
+    # transfer per step, so the host does not wait for the diffusion model in the middle of a step.
+    sds: Any = None
+
+    def __post_init__(self) -> None:
+        if self.sds is None and None in (self.loss_value, self.nonfinite, self.skipped):
+            raise TypeError("StepResult needs loss_value, nonfinite and skipped, or sds=<SDSResult>")
+
+    @property
+    def deferred(self) -> bool:
+        return self.sds is not None and self.skipped is None
 
 
 class Phase(Protocol):
@@ -144,6 +157,10 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         self.log_path = run_dir / "log.jsonl"
+        # CUDA timing: events of steps not yet logged, and the one log record held back until its
+        # end event has passed (written by the next log() or flush_log()).
+        self._step_events: dict[int, tuple[Any, Any]] = {}
+        self._pending_record: dict[str, Any] | None = None
         if info.world_size * self.micro_steps < 4:
             warnings.warn(f"each optimizer step draws cameras from {info.world_size * self.micro_steps} sector "
                           f"draw(s), fewer than the 4 (front/left/back/right) the published multi-GPU runs "
@@ -202,21 +219,48 @@ class Trainer:
         # No autocast: geometry, rendering and the material run in fp32; the diffusion model holds
         # fp16 weights on CUDA and casts its inputs itself. The grad scaler protects that fp16 backward.
         result = self.phase.step(it, cams, self.noise_gen)
-        if not result.skipped:
+        # A deferred result is not read yet: its loss injects zeros when skipped, so its backward
+        # is always queued (a skipped step is not applied below; .grad is reset next step).
+        if result.deferred or not result.skipped:
             # Mean over micro-steps, so K/W accumulated micro-steps equal one K-GPU step.
             self.scaler.scale(result.loss / self.micro_steps).backward()
-        return result, [math.degrees(a) for a in cams.azimuth.tolist()]
+        return result, cams.azimuth
+
+    @staticmethod
+    def _read_host_values(results: list[StepResult], azimuths: list[torch.Tensor]) -> list[float]:
+        """Fill the deferred results' host values; azimuths in degrees. One device read for all."""
+        lazy = [r for r in results if r.deferred]
+        parts = [r.sds.stats.float().reshape(-1) for r in lazy]
+        parts += [a.detach().float().reshape(-1).to(parts[0].device if parts else a.device) for a in azimuths]
+        values = torch.cat(parts).tolist() if parts else []   # the step's one host read for logging
+        for i, r in enumerate(lazy):
+            r.sds.set_host_values(values[2 * i:2 * i + 2])
+            r.loss_value, r.nonfinite, r.skipped = r.sds.loss_value, r.sds.nonfinite, r.sds.skipped
+        return [math.degrees(a) for a in values[2 * len(lazy):]]
+
+    def _start_timer(self) -> Any:
+        """CUDA events around the step instead of a device synchronize: the host runs ahead."""
+        if self.info.device.type != "cuda":
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
 
     def train_step(self, it: int) -> dict[str, Any]:
         t0 = time.perf_counter()
+        start_ev = self._start_timer()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, nonfinite, skipped, azimuths, extra = [], 0, False, [], {}
+        results, az_tensors = [], []
         for j in range(self.micro_steps):
             result, az = self._micro_step(it, j)
+            results.append(result)
+            az_tensors.append(az)
+        azimuths = self._read_host_values(results, az_tensors)
+        losses, nonfinite, skipped, extra = [], 0, False, {}
+        for result in results:
             losses.append(result.loss_value)
             nonfinite += result.nonfinite
             skipped |= result.skipped
-            azimuths += az
             for k, v in result.extra.items():
                 extra[k] = extra.get(k, 0.0) + v / self.micro_steps
         # Sync point: all ranks agree to skip when any rank saw non-finite guidance gradients.
@@ -226,9 +270,16 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self._track_skips(it, skipped, nonfinite)
-        if self.info.device.type == "cuda":
-            torch.cuda.synchronize(self.info.device)
+        # No device synchronize: on CUDA, "ms" here is the host time of the step (the host waits
+        # inside it, at marching tets and the read above, for the device); log() replaces it with
+        # the device time between the step's CUDA events, read one step late.
         ms = (time.perf_counter() - t0) * 1000
+        if start_ev is not None:
+            end_ev = torch.cuda.Event(enable_timing=True)
+            end_ev.record()
+            self._step_events[it] = (start_ev, end_ev)
+            for k in [k for k in self._step_events if k < it - 1]:   # never logged (e.g. a benchmark)
+                del self._step_events[k]
         return {"it": it, "stage": self.phase.stage(it), "loss": float(np.mean(losses)) if losses else float("nan"),
                 "ms": round(ms, 2), "nonfinite": nonfinite, "skipped": skipped, "azimuth_deg": azimuths, **extra}
 
@@ -263,6 +314,26 @@ class Trainer:
             record["param_checksum"] = distributed.gather_floats(self.param_checksum(), self.info)
         if self.info.device.type == "cuda":
             record["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**20, 1)
+        if record["it"] not in self._step_events:  # CPU (or a record made elsewhere): write it now
+            self._write_record(record)
+            return
+        # CUDA: hold this record back; the previous one's end event has passed by now (this step
+        # waited for the device), so its device time is read without a synchronize.
+        self.flush_log(wait=False)
+        self._pending_record = record
+
+    def flush_log(self, wait: bool = True) -> None:
+        """Write the held-back record with its step's device time (waits for it when `wait`)."""
+        record, self._pending_record = self._pending_record, None
+        if record is None:
+            return
+        start, end = self._step_events.pop(record["it"], (None, None))
+        if end is not None and (wait or end.query()):
+            end.synchronize()
+            record["ms"] = round(start.elapsed_time(end), 2)
+        self._write_record(record)
+
+    def _write_record(self, record: dict[str, Any]) -> None:
         if self.info.is_main:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -299,7 +370,7 @@ class Trainer:
         distributed.broadcast_params(self.params, self.info)  # sync point: identical start on every rank
         progress = self._progress()
         it = self.start_it
-        with InterruptHandler() as interrupt:
+        with InterruptHandler() as interrupt, _flushing(self):
             while it < cfg.iter:
                 it += 1
                 record = self.train_step(it)
@@ -341,6 +412,15 @@ class Trainer:
         progress.update(1)
 
 
+@contextlib.contextmanager
+def _flushing(trainer: Trainer):
+    """Write the held-back log record when the loop ends, also when it ends with an error."""
+    try:
+        yield
+    finally:
+        trainer.flush_log()
+
+
 # ------------------------------------------------------------------------------------------------
 # Entry point used by train.py
 # ------------------------------------------------------------------------------------------------
@@ -359,6 +439,13 @@ def run(cfg: Config, config_path: str | None = None) -> int:
     except distributed.DeviceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    previous_determinism = (torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled())
+    if info.device.type == "cpu":
+        # The hash-grid backward accumulates rows with index_put_(accumulate=True), whose CPU kernel
+        # is run-to-run nondeterministic unless deterministic mode is on (free on CPU). Without it
+        # neither two identical runs nor a resumed run match bit for bit.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         run_dir = cfg.run_dir(config_path)
         if info.is_main:
@@ -373,4 +460,5 @@ def run(cfg: Config, config_path: str | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        torch.use_deterministic_algorithms(previous_determinism[0], warn_only=previous_determinism[1])
         distributed.teardown()
