@@ -1,0 +1,149 @@
+"""scripts/evaluate.py metrics on known cases, and the procedural reference meshes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from scripts import evaluate as ev
+from scripts import make_reference_meshes as refs
+
+
+def _sphere(path: Path, radius: float, subdivisions: int = 4) -> Path:
+    trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius).export(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ref_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return refs.write_references(tmp_path_factory.mktemp("refs"), resolution=64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference meshes
+# ----------------------------------------------------------------------------------------------
+def test_reference_meshes_have_the_promised_topology(ref_dir: dict[str, Path]) -> None:
+    manifest = json.loads((ref_dir["mug"].parent / "manifest.json").read_text())
+    for name in ("mug", "thin_parts", "torus"):
+        mesh = trimesh.load(ref_dir[name], process=False, force="mesh")
+        mesh.merge_vertices()
+        assert mesh.is_watertight, name
+        assert mesh.volume > 0, f"{name}: normals must point outward"
+        assert np.abs(mesh.vertices).max() < 1.0, f"{name}: must fit in the unit cube"
+        assert manifest[name]["watertight"]
+    assert manifest["mug"]["genus"] == 1 and manifest["torus"]["genus"] == 1
+    assert manifest["thin_parts"]["genus"] >= 1
+
+
+def test_mug_has_a_cavity_and_a_handle_hole() -> None:
+    mesh = refs.mug_mesh(resolution=64)
+    assert np.allclose(mesh.bounds.mean(0), 0, atol=1e-6)    # bbox centred at the origin
+    # The mug's body axis sits at x = -(handle reach)/2 after centring; probe points in world space.
+    x_axis = mesh.bounds[0, 0] + 0.5                      # body radius 0.5 from the far wall
+    cavity_point = [x_axis, 0.3, 0.0]                     # inside the cup, below the rim
+    handle_hole = [x_axis + 0.5 + 0.1, 0.0, 0.0]          # between the wall and the handle ring
+    wall_point = [x_axis - 0.5 + 0.08, 0.0, 0.0]          # inside the wall
+    inside = ev.inside(ev.Surface(np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64), "mug"),
+                       np.array([cavity_point, handle_hole, wall_point]))
+    assert inside.tolist() == [False, False, True]
+
+
+def test_thin_parts_are_thin() -> None:
+    mesh = refs.thin_parts_mesh(resolution=160)
+    surface = ev.Surface(np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64), "stool")
+    # A horizontal line through two legs (and nothing else at this height): two short inside runs.
+    leg_r = 0.7 * 0.6 / math.sqrt(2)
+    xs = np.linspace(-0.8, 0.8, 1601)
+    inside = ev.inside(surface, np.stack([xs, np.zeros_like(xs), np.full_like(xs, leg_r)], 1))
+    edges = np.flatnonzero(np.diff(inside.astype(int)))
+    widths = xs[edges[1::2]] - xs[edges[0::2]]
+    assert len(widths) == 2
+    assert np.all((widths > 0.05) & (widths < 0.09))      # legs 0.07 across
+
+
+def test_textured_reference_loads_with_uvs_and_a_smooth_albedo(tmp_path: Path) -> None:
+    from render.mesh import load_mesh
+    path = refs.write_textured(tmp_path / "tex")
+    mesh = load_mesh(path)
+    assert mesh.v_tex is not None and mesh.material is not None
+    kd = mesh.material["kd"].numpy()
+    assert kd.shape == (refs.ALBEDO_SIZE, refs.ALBEDO_SIZE, 3)
+    assert kd.std() > 0.05                                   # a pattern, not a constant
+    assert np.abs(np.diff(kd, axis=1)).max() < 0.05          # low frequency: small pixel steps
+    assert np.abs(kd[:, 0] - kd[:, -1]).max() < 0.05         # no seam at u = 0/1
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+def test_identical_meshes_score_perfectly(ref_dir: dict[str, Path]) -> None:
+    out = ev.evaluate(ref_dir["mug"], ref_dir["mug"],
+                      ev.EvalOptions(samples=5000, iou_resolution=48, images="normal", views=2, image_resolution=64))
+    assert out["chamfer"] < 1e-6 and out["chamfer_out_to_ref"] < 1e-6
+    assert out["iou"] == 1.0
+    assert out["normal_consistency"] > 0.999
+    assert out["fscore"] == 1.0
+    assert math.isinf(out["psnr"]) and out["ssim"] == pytest.approx(1.0)
+
+
+def test_scaled_sphere_matches_analytic_chamfer_and_iou(tmp_path: Path) -> None:
+    r_ref, r_out = 0.5, 0.45
+    ref, out = ev.load_surface(_sphere(tmp_path / "ref.obj", r_ref)), ev.load_surface(_sphere(tmp_path / "out.obj", r_out))
+    metrics = ev.surface_metrics(out, ref, n_samples=20_000)
+    # Concentric spheres: every point is |R - r| from the other surface; diagonal of the ref bbox 2R*sqrt(3).
+    expected = (r_ref - r_out) / (2 * r_ref * math.sqrt(3))
+    assert metrics["chamfer"] == pytest.approx(expected, rel=0.03)
+    assert metrics["chamfer_out_to_ref"] == pytest.approx(expected, rel=0.03)
+    assert metrics["normal_consistency"] > 0.99
+    assert metrics["fscore"] == 0.0       # 0.05 apart, threshold 1% of 1.73
+    iou = ev.volume_iou(out, ref, resolution=64)
+    assert iou == pytest.approx((r_out / r_ref) ** 3, abs=0.02)
+
+
+def test_shifted_mesh_is_penalized_in_every_metric(tmp_path: Path, ref_dir: dict[str, Path]) -> None:
+    moved = trimesh.load(ref_dir["torus"], process=False, force="mesh")
+    moved.apply_translation([0.1, 0.0, 0.0])
+    moved.export(tmp_path / "moved.obj")
+    same = ev.evaluate(ref_dir["torus"], ref_dir["torus"], ev.EvalOptions(2000, 32, "normal", 2, 64))
+    off = ev.evaluate(tmp_path / "moved.obj", ref_dir["torus"], ev.EvalOptions(2000, 32, "normal", 2, 64))
+    assert off["chamfer"] > 0.01 > same["chamfer"]
+    assert off["iou"] < 0.9 < same["iou"]
+    assert off["psnr"] < 25 and off["ssim"] < same["ssim"]
+
+
+def test_psnr_and_ssim_known_values() -> None:
+    a = np.zeros((1, 32, 32, 3))
+    assert ev.psnr(a, a + 0.1) == pytest.approx(20.0)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(0.5 + 0.2 * rng.standard_normal((1, 32, 32, 3)), 0, 1)
+    assert ev.ssim(noisy, noisy) == pytest.approx(1.0)
+    assert ev.ssim(noisy, np.full_like(noisy, 0.5)) < 0.1
+
+
+def test_albedo_images_see_the_texture(tmp_path: Path) -> None:
+    """Same geometry, different albedo: the normal images agree, the albedo images do not."""
+    import imageio.v3 as iio
+    path = refs.write_textured(tmp_path / "a")
+    other = refs.write_textured(tmp_path / "b")
+    iio.imwrite(other.parent / "albedo.png", np.flip(refs.albedo_pattern(), axis=1).copy())
+    same = ev.image_metrics(path, path, "auto", n_views=2, resolution=64)
+    assert same["image_kind"] == "albedo" and math.isinf(same["psnr"])
+    assert math.isinf(ev.image_metrics(other, path, "normal", n_views=2, resolution=64)["psnr"])
+    assert ev.image_metrics(other, path, "albedo", n_views=2, resolution=64)["psnr"] < 30
+
+
+def test_cli_writes_json_and_rejects_a_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ref = _sphere(tmp_path / "ref.obj", 0.5, subdivisions=3)
+    out_json = tmp_path / "m" / "metrics.json"
+    assert ev.main([str(ref), str(ref), "--out", str(out_json), "--samples", "1000",
+                    "--iou-resolution", "24", "--images", "none"]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["chamfer"] < 1e-6 and data["iou"] == 1.0 and "psnr" not in data
+    capsys.readouterr()
+    assert ev.main([str(tmp_path / "missing.obj"), str(ref)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "missing.obj" in err[0]
