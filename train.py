@@ -13,7 +13,7 @@ import sys
 # another process shares the cores (torchrun on CPU, a busy machine). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from config import ConfigError, check_files, load_config, write_json_atomic
+from config import ConfigError, check_files, load_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -114,22 +114,22 @@ def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
     )
 
 
+def uv_island_labels(t_tex_idx_fx3: torch.Tensor) -> np.ndarray:
+    """Per-face UV island id [F] (connected components of the faces' shared UV vertices)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = t_tex_idx_fx3.detach().cpu().numpy()
+    n = int(faces.max()) + 1
+    rows = np.concatenate([faces[:, 0], faces[:, 1]])
+    cols = np.concatenate([faces[:, 1], faces[:, 2]])
+    graph = coo_matrix((np.ones(rows.shape[0], dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, vertex_label = connected_components(graph, directed=False)
+    return vertex_label[faces[:, 0]]
+
+
 def chart_count(mesh: Mesh) -> int:
     """Number of UV islands (connected components of the UV index graph); for logs and tests."""
     if mesh.t_tex_idx is None:
         raise MeshError("chart_count: mesh has no UVs (t_tex_idx is None); call unwrap() first")
-    faces = mesh.t_tex_idx.detach().cpu().numpy()
-    parent = np.arange(int(faces.max()) + 1)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for a, b, c in faces:
-        for x, y in ((a, b), (b, c)):
-            rx, ry = find(x), find(y)
-            if rx != ry:
-                parent[rx] = ry
-    return len({find(i) for i in np.unique(faces)})
+    return int(np.unique(uv_island_labels(mesh.t_tex_idx)).shape[0])

@@ -14,7 +14,7 @@ from render import raster
 from render.bake import BakeError, BakedMaps, bake, normalize_normal_map, rasterize_uv, uv_padding
 from render.export import TEXTURE_FILES, read_png_rgb, srgb_to_linear, write_obj
 from render.mesh import Mesh, MeshError, load_mesh
-from render.uv import ChartOptions, PackOptions, chart_count, unwrap
+from render.uv import ChartOptions, PackOptions, chart_count, unwrap, uv_island_labels
 
 TEXTURE_RES = 1024
 PSNR_MIN_DB = 30.0
@@ -57,28 +57,10 @@ def test_unwrap_keeps_faces_and_gives_uvs_in_unit_square() -> None:
     t = out.v_tex[out.t_tex_idx]
     e1, e2 = t[:, 1] - t[:, 0], t[:, 2] - t[:, 0]
     area = e1[:, 0] * e2[:, 1] - e2[:, 0] * e1[:, 1]
-    labels = _chart_labels(out.t_tex_idx)
+    labels = uv_island_labels(out.t_tex_idx)
     for chart in np.unique(labels):
         positive = float((area[labels == chart] > 0).float().mean())
         assert positive in (0.0, 1.0), f"chart {chart} is folded: {positive:.2f} of its faces positive"
-
-
-def _chart_labels(t_tex_idx: torch.Tensor) -> np.ndarray:
-    """Connected component of each face in the UV index graph."""
-    faces = t_tex_idx.numpy()
-    parent = np.arange(int(faces.max()) + 1)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for a, b, c in faces:
-        for x, y in ((a, b), (b, c)):
-            rx, ry = find(x), find(y)
-            if rx != ry:
-                parent[rx] = ry
-    return np.array([find(a) for a in faces[:, 0]])
 
 
 def test_unwrap_chart_options_are_applied() -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from tests.run_helpers import read_log, run_train, write_config
 
 # One process, no emulate_gpus: the trainer's sector-coverage advice is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:each optimizer step draws cameras")
@@ -98,21 +98,6 @@ def test_textured_egg_is_a_valid_target(textured_egg: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
-def write_config(folder: Path, values: dict[str, Any], name: str = "config.json") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(json.dumps(values))
-    return path
-
-
-def run_train(config: Path, *overrides: str) -> int:
-    return train.main(["--config", str(config), *overrides])
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-
-
 def load_phase(run_dir: Path, trained: bool = True):
     """The run's AppearancePhase rebuilt from its resolved config (+ its checkpoint when trained)."""
     from config import build_config

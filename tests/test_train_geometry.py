@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import train
+from tests.run_helpers import read_log, run_train, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,21 +25,6 @@ TINY_GEOMETRY: dict[str, Any] = {
     "sdf_init_iter": 60, "video_frames": 6,   # SDF pretraining dominates these runs: keep it short
     "display": [{"bsdf": "normal"}],
 }
-
-
-def write_config(folder: Path, values: dict[str, Any], name: str = "config.json") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    path.write_text(json.dumps(values))
-    return path
-
-
-def run_train(config: Path, *overrides: str) -> int:
-    return train.main(["--config", str(config), *overrides])
-
-
-def read_log(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
 def sector_of(azimuth_deg: float) -> int:
