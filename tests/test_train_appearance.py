@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.run_helpers import read_log, run_train, write_config
+from tests.run_helpers import assert_same_tensors, read_log, run_train, write_config
 
 # One process, no emulate_gpus: the trainer's sector-coverage advice is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:each optimizer step draws cameras")
@@ -181,22 +181,6 @@ def test_target_mesh_guidance_recovers_the_albedo(tmp_path: Path, textured_egg: 
 # ------------------------------------------------------------------------------------------------
 # 2. Resume continues exactly
 # ------------------------------------------------------------------------------------------------
-def _assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: max diff {(a.float() - b.float()).abs().max().item()}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.fixture
 def deterministic_kernels():
     """The hash-grid reference backward (`table[rows]` -> index_put_ with accumulate) adds its
@@ -229,8 +213,8 @@ def test_appearance_resume_is_exact(tmp_path: Path, textured_egg: Path, tiny_sd_
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
     assert a["it"] == b["it"] == 6
-    _assert_same_tensors(a["phase"], b["phase"])
-    _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert_same_tensors(a["phase"], b["phase"])
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
     # The material actually moved after the resume point (else equality would prove nothing).
     moved = [not torch.equal(x, y) for x, y in zip(first["phase"]["material"].values(),
                                                    b["phase"]["material"].values())]

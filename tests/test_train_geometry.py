@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.run_helpers import read_log, run_train, write_config
+from tests.run_helpers import assert_same_tensors, read_log, run_train, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,28 +90,13 @@ def test_resume_is_bit_for_bit(tmp_path: Path, tiny_sd_path: Path) -> None:
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
     b = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
     assert a["it"] == b["it"] == 10
-    _assert_same_tensors(a["phase"], b["phase"])
-    _assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert_same_tensors(a["phase"], b["phase"])
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
 
     log_a, log_b = read_log(straight), read_log(split)
     assert [r["it"] for r in log_b] == list(range(1, 11))
     for key in ("stage", "loss", "azimuth_deg", "nonfinite", "faces"):
         assert [r[key] for r in log_a] == [r[key] for r in log_b], key
-
-
-def _assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same_tensors(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same_tensors(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def test_step_result_needs_values_or_sds() -> None:
 
 
 def test_deferred_results_read_together_after_backward() -> None:
-    (lat_ok, ok), (lat_bad, bad) = _sds(False), _sds(True)
+    (_, ok), (lat_bad, bad) = _sds(False), _sds(True)
     results = [StepResult(loss=ok.loss, sds=ok), StepResult(loss=bad.loss, sds=bad, extra={"x": 1.0})]
     assert all(r.deferred for r in results)
     for r in results:                                   # the trainer queues every backward first
