@@ -80,11 +80,6 @@ def camera_chunks(cams: CameraBatch, size: int):
                              for f, v in vars(cams).items()})
 
 
-def clip_positions(verts_vx3: torch.Tensor, mvp_bx4x4: torch.Tensor) -> torch.Tensor:
-    homog = torch.cat([verts_vx3, torch.ones_like(verts_vx3[:, :1])], dim=1)   # [V, 4]
-    return torch.einsum("bij,vj->bvi", mvp_bx4x4, homog).contiguous()           # [B, V, 4]
-
-
 # ------------------------------------------------------------------------------------------------
 # Geometry
 # ------------------------------------------------------------------------------------------------

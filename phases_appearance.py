@@ -56,6 +56,7 @@ class AppearancePhase:
         self.material = MaterialMLP(encoder, cfg.kd_min[:3], cfg.kd_max[:3], cfg.ks_min, cfg.ks_max,
                                     cfg.nrm_min, cfg.nrm_max).to(device)
         self.light = load_light(cfg.envmap, cfg.env_scale, cfg.env_res, device)
+        self._relights: dict[str, EnvironmentLight] = {}  # built once, reused at every validation
         self.guide = Guide(cfg, device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
 
     # ------------------------------------------------------------------------------------ rendering
@@ -112,12 +113,16 @@ class AppearancePhase:
                 ll = self.light.to_latlong(h).clamp(0, 1)                            # [h, 2h, 3] linear, clipped
                 images["latlong"] = to_uint8(ll[None]) if ll.dim() == 3 else to_uint8(ll)
             elif "relight" in layer:
-                relight = load_light(layer["relight"], self.cfg.env_scale, self.cfg.env_res, self.info.device)
-                images["relight"] = to_uint8(self._render(cams, light=relight, background="white"))
+                images["relight"] = to_uint8(self._render(cams, light=self._relight(layer["relight"]),
+                                                          background="white"))
         if self.cfg.relight:
-            relight = load_light(self.cfg.relight, self.cfg.env_scale, self.cfg.env_res, self.info.device)
-            images["relight"] = to_uint8(self._render(cams, light=relight, background="white"))
+            images["relight"] = to_uint8(self._render(cams, light=self._relight(self.cfg.relight), background="white"))
         return images
+
+    def _relight(self, path: str) -> EnvironmentLight:
+        if path not in self._relights:
+            self._relights[path] = load_light(path, self.cfg.env_scale, self.cfg.env_res, self.info.device)
+        return self._relights[path]
 
     def turntable_frames(self, cams: CameraBatch) -> np.ndarray:
         return np.concatenate([to_uint8(self._render(c, background="white")) for c in camera_chunks(cams, 8)])

@@ -51,8 +51,7 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
     # Face normals once: they make the vertex normals and, detached, the two-sided test.
     face_n, v_nrm = _face_and_vertex_normals(verts_vx3, f)
 
-    homog = torch.cat([verts_vx3, torch.ones_like(verts_vx3[:, :1])], dim=1)      # [V, 4]
-    pos_clip = torch.einsum("bij,vj->bvi", mvp_bx4x4, homog).contiguous()           # [B, V, 4]
+    pos_clip = raster.clip_positions(verts_vx3, mvp_bx4x4)                         # [B, V, 4]
     rast, _ = raster.rasterize(ctx, pos_clip, tri, resolution, grad_db=False)
     mask = (rast[..., 3:4] > 0).float()                                             # [B, H, W, 1]
 

@@ -50,8 +50,7 @@ def rasterize_gbuffer(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor,
                       resolution: tuple[int, int]) -> GBuffer:
     _require(mesh)
     v = mesh.v_pos
-    homog = torch.cat([v, torch.ones_like(v[:, :1])], dim=1)                     # [V, 4]
-    pos_clip = torch.einsum("bij,vj->bvi", mvp_bx4x4, homog).contiguous()       # [B, V, 4]
+    pos_clip = raster.clip_positions(v, mvp_bx4x4)                               # [B, V, 4]
     tri = mesh.t_pos_idx.to(torch.int32).contiguous()
     rast, _ = raster.rasterize(ctx, pos_clip, tri, resolution, grad_db=False)
 

@@ -106,6 +106,12 @@ def _load_nvdiffrast(device: torch.device) -> tuple[ModuleType, Any]:
     return dr, nv_ctx
 
 
+def clip_positions(verts_vx3: Tensor, mvp_bx4x4: Tensor) -> Tensor:
+    """World-space vertices [V, 3] -> clip-space positions [B, V, 4] for each camera's MVP."""
+    homog = torch.cat([verts_vx3, torch.ones_like(verts_vx3[:, :1])], dim=1)     # [V, 4]
+    return torch.einsum("bij,vj->bvi", mvp_bx4x4, homog).contiguous()
+
+
 def make_context(device: torch.device | str, backend: str = "auto") -> RasterContext:
     """Create a rasterizer context.
 

@@ -171,8 +171,7 @@ def _render_albedo(ctx, mesh, cams) -> "torch.Tensor":
     import torch
     from render import raster
     tri = mesh.t_pos_idx.to(torch.int32)
-    homog = torch.cat([mesh.v_pos, torch.ones_like(mesh.v_pos[:, :1])], dim=1)
-    pos = torch.einsum("bij,vj->bvi", cams.mvp, homog).contiguous()
+    pos = raster.clip_positions(mesh.v_pos, cams.mvp)
     rast, _ = raster.rasterize(ctx, pos, tri, cams.resolution, grad_db=False)
     uv, _ = raster.interpolate(mesh.v_tex.contiguous(), rast, mesh.t_tex_idx.to(torch.int32), backend=ctx)
     uv = torch.stack([uv[..., 0], 1.0 - uv[..., 1]], dim=-1).contiguous()   # OBJ v is bottom-up

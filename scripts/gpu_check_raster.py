@@ -113,8 +113,7 @@ def cameras(n: int, resolution: int, seed: int, device: str):
 
 
 def _clip(v: torch.Tensor, mvp: torch.Tensor) -> torch.Tensor:
-    homog = torch.cat([v, torch.ones_like(v[:, :1])], dim=1)
-    return torch.einsum("bij,vj->bvi", mvp, homog).contiguous()
+    return raster.clip_positions(v, mvp)
 
 
 # ----------------------------------------------------------------------------------------------
