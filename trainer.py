@@ -148,8 +148,10 @@ class Trainer:
         self.cam_gen, self.noise_gen = generators
         self.virtual_world, self.micro_steps = accumulation_plan(cfg.emulate_gpus, info.world_size)
         self.params = phase.parameters()
-        # AdamW as published (betas 0.9/0.99, eps 1e-15).
-        self.optimizer = torch.optim.AdamW(self.params, lr=phase.lr, betas=(0.9, 0.99), eps=1e-15)
+        # AdamW as published (betas 0.9/0.99, eps 1e-15). On CUDA the fused kernel: the grad scaler
+        # hands it the inf check as a device tensor instead of reading it on the host every step.
+        self.optimizer = torch.optim.AdamW(self.params, lr=phase.lr, betas=(0.9, 0.99), eps=1e-15,
+                                           fused=info.device.type == "cuda")
         # Mixed precision on CUDA (fp16 diffusion model) needs a grad scaler; fp32 on CPU needs none.
         self.scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda")
         self.cam_opts = camera_options(cfg)
@@ -246,7 +248,9 @@ class Trainer:
         start.record()
         return start
 
-    def train_step(self, it: int) -> dict[str, Any]:
+    def train_step(self, it: int, stop_requested: bool = False) -> dict[str, Any]:
+        """One optimizer step. The record's "stop" is True when any rank had ``stop_requested``;
+        its "azimuth_deg" holds every rank's camera azimuths, in rank order."""
         t0 = time.perf_counter()
         start_ev = self._start_timer()
         self.optimizer.zero_grad(set_to_none=True)
@@ -263,10 +267,11 @@ class Trainer:
             skipped |= result.skipped
             for k, v in result.extra.items():
                 extra[k] = extra.get(k, 0.0) + v / self.micro_steps
-        # Sync point: all ranks agree to skip when any rank saw non-finite guidance gradients.
-        skipped = distributed.any_flag(skipped, self.info)
+        # Sync point, the step's one collective: gradients averaged, and all ranks agree to skip when
+        # any rank saw non-finite guidance gradients, and to stop when any rank was interrupted.
+        (skipped, stop), azimuths = distributed.step_all_reduce(self.params, [skipped, stop_requested],
+                                                                azimuths, self.info)
         if not skipped:
-            distributed.average_gradients(self.params, self.info)  # sync point: gradient all-reduce
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self._track_skips(it, skipped, nonfinite)
@@ -281,7 +286,7 @@ class Trainer:
             for k in [k for k in self._step_events if k < it - 1]:   # never logged (e.g. a benchmark)
                 del self._step_events[k]
         return {"it": it, "stage": self.phase.stage(it), "loss": float(np.mean(losses)) if losses else float("nan"),
-                "ms": round(ms, 2), "nonfinite": nonfinite, "skipped": skipped, "azimuth_deg": azimuths, **extra}
+                "ms": round(ms, 2), "nonfinite": nonfinite, "skipped": skipped, "azimuth_deg": azimuths, "stop": stop, **extra}
 
     def _track_skips(self, it: int, skipped: bool, nonfinite: int) -> None:
         if not skipped:
@@ -306,8 +311,7 @@ class Trainer:
             return [float(sum(f.sum() for f in flat)), float(sum((f * f).sum() for f in flat))]
 
     def log(self, record: dict[str, Any]) -> None:
-        # Collective: every rank's azimuths go into rank 0's log line (shows the per-rank sectors).
-        record["azimuth_deg"] = distributed.gather_floats(record["azimuth_deg"], self.info)
+        record = {k: v for k, v in record.items() if k != "stop"}
         if record["it"] % self.cfg.save_interval == 0 or record["it"] == self.cfg.iter:
             # Collective, at save points only (cheap): every rank's parameter checksum, so the log
             # shows that all ranks hold identical parameters.
@@ -373,14 +377,14 @@ class Trainer:
         with InterruptHandler() as interrupt, _flushing(self):
             while it < cfg.iter:
                 it += 1
-                record = self.train_step(it)
+                record = self.train_step(it, stop_requested=interrupt.requested)
                 self.log(record)
                 self._update_progress(progress, record)
                 if it % cfg.save_interval == 0 or it == cfg.iter:
                     self.validate(it)
                     self.save_checkpoint(it)
-                # Sync point: all ranks stop together after the same step.
-                if distributed.any_flag(interrupt.requested, self.info):
+                # All ranks stop together after the same step (agreed in the step's collective).
+                if record["stop"]:
                     if it % cfg.save_interval and it != cfg.iter:
                         self.save_checkpoint(it)
                     break

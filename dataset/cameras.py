@@ -200,12 +200,28 @@ def _build(azimuth_deg: Tensor, elevation_deg: Tensor, fovy_deg: Tensor, jitter:
     campos = torch.linalg.inv(mv)[:, :3, 3]
     rot = _y_rotation3(normal_angle) if normal_angle is not None else torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
     az32 = az.float()
-    return CameraBatch(
-        mv=mv.float().to(device), mvp=mvp.float().to(device), campos=campos.float().to(device),
-        azimuth=az32.to(device), elevation=el.float().to(device), fovy=fovy.float().to(device),
-        view_index=view_index(az32, opts.front_threshold).to(device),
-        normal_rotate=rot.float().to(device), resolution=(int(h), int(w)),
-    )
+    host = {"mv": mv, "mvp": mvp, "campos": campos, "azimuth": az32, "elevation": el, "fovy": fovy,
+            "view_index": view_index(az32, opts.front_threshold), "normal_rotate": rot}
+    return CameraBatch(**_to_device(host, torch.device(device)), resolution=(int(h), int(w)))
+
+
+def _to_device(host: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """CPU tensors -> float32 (view_index int64) on ``device`` in one transfer.
+
+    A copy from pageable host memory synchronizes the stream first, so eight separate ``.to(cuda)``
+    calls stalled every training step eight times; one pinned, non-blocking copy does not stall.
+    """
+    flat = torch.cat([t.reshape(-1).float() for t in host.values()])   # view_index 0..3: exact in fp32
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    out, offset = {}, 0
+    for name, t in host.items():
+        part = flat[offset:offset + t.numel()].view(t.shape)
+        out[name] = part.long() if name == "view_index" else part
+        offset += t.numel()
+    return out
 
 
 def sample_train_cameras(batch: int, sector: tuple[float, float], opts: CameraOptions,

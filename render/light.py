@@ -16,6 +16,8 @@ aliasing. Brute force over all source texels is O(texels^2) and out of reach at 
 """
 from __future__ import annotations
 
+import functools
+
 import math
 import os
 import tempfile
@@ -26,7 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from render.fg_lut import fg_table, hammersley
+from render.raster import RasterContext, texture
 from render.texture_torch import PreparedCube, build_mip_chain, texture_torch
+
+TextureBackend = str | RasterContext   # "auto" | "torch" | "nvdiffrast" or a rasterizer context
 from render.util import (cube_texel_dirs, cube_texel_solid_angles, dir_to_latlong_uv, dot,
                          latlong_dirs, reflect, safe_normalize)
 
@@ -220,13 +225,19 @@ _SPREAD_ROUGHNESS = np.linspace(MAX_ROUGHNESS, 1.0, 65)
 _SPREAD_VALUES = np.array([lobe_spread(float(r)) for r in _SPREAD_ROUGHNESS])
 
 
+@functools.lru_cache(maxsize=8)
+def _spread_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """_SPREAD_VALUES on `device`, copied once: a copy from pageable memory per call stalls the step."""
+    return torch.as_tensor(_SPREAD_VALUES, dtype=dtype, device=device)
+
+
 def _lobe_spread_table(roughness: Tensor) -> Tensor:
     """lobe_spread for roughness in [0.5, 1] by linear interpolation of a 65-entry table
     (differentiable in roughness)."""
     r = roughness.clamp(MAX_ROUGHNESS, 1.0)
     x = (r - MAX_ROUGHNESS) / (1.0 - MAX_ROUGHNESS) * (len(_SPREAD_ROUGHNESS) - 1)
     i0 = x.detach().floor().long().clamp(max=len(_SPREAD_ROUGHNESS) - 2)
-    table = torch.as_tensor(_SPREAD_VALUES, dtype=roughness.dtype, device=roughness.device)
+    table = _spread_table(roughness.dtype, roughness.device)
     return table[i0] + (table[i0 + 1] - table[i0]) * (x - i0.to(x.dtype))
 
 
@@ -316,30 +327,34 @@ class EnvironmentLight(nn.Module):
         return self._device_cache[key]
 
     # Shading --------------------------------------------------------------------------
-    def _specular_lookup(self, spec_maps: list[Tensor], dirs: Tensor, roughness: Tensor) -> Tensor:
+    def _specular_lookup(self, spec_maps: list[Tensor], dirs: Tensor, roughness: Tensor,
+                         backend: TextureBackend) -> Tensor:
         lead = dirs.shape[:-1]
         level = self.get_mip(roughness).reshape(1, -1, 1)
-        out = texture_torch(spec_maps[0][None], dirs.reshape(1, -1, 1, 3), mip=[m[None] for m in spec_maps[1:]],
-                            mip_level_bias=level, filter_mode="linear-mipmap-linear", boundary_mode="cube")
+        out = texture(spec_maps[0][None], dirs.reshape(1, -1, 1, 3), mip=[m[None] for m in spec_maps[1:]],
+                      mip_level_bias=level, filter_mode="linear-mipmap-linear", boundary_mode="cube",
+                      backend=backend)
         return out.reshape(*lead, 3)
 
-    def prefiltered(self, dirs: Tensor, roughness: Tensor) -> Tensor:
+    def prefiltered(self, dirs: Tensor, roughness: Tensor, backend: TextureBackend = "auto") -> Tensor:
         """Prefiltered radiance along unit reflection directions [..., 3] for roughness
         [..., 1] -> [..., 3] (the split-sum radiance factor)."""
-        return self._specular_lookup(self._maps(dirs.device)[0], dirs, roughness)
+        return self._specular_lookup(self._maps(dirs.device)[0], dirs, roughness, backend)
 
-    def irradiance(self, normals: Tensor) -> Tensor:
+    def irradiance(self, normals: Tensor, backend: TextureBackend = "auto") -> Tensor:
         """Diffuse irradiance / pi along unit normals [..., 3] -> [..., 3]."""
-        out = texture_torch(self._maps(normals.device)[1][None], normals.reshape(1, -1, 1, 3),
-                            filter_mode="linear", boundary_mode="cube")
+        out = texture(self._maps(normals.device)[1][None], normals.reshape(1, -1, 1, 3),
+                      filter_mode="linear", boundary_mode="cube", backend=backend)
         return out.reshape(*normals.shape[:-1], 3)
 
     def shade(self, gb_pos: Tensor, gb_normal: Tensor, kd: Tensor, ks: Tensor, view_pos: Tensor,
-              specular: bool = True) -> Tensor:
+              specular: bool = True, backend: TextureBackend = "auto") -> Tensor:
         """Split-sum shading, linear RGB [..., 3].
 
         gb_pos, gb_normal (unit), kd: [..., 3]; ks [..., 3] = (occlusion, roughness,
-        metallic); view_pos broadcastable to gb_pos (e.g. [B, 1, 1, 3])."""
+        metallic); view_pos broadcastable to gb_pos (e.g. [B, 1, 1, 3]). ``backend``: the texture
+        lookups' backend (render.raster.texture: nvdiffrast on CUDA for "auto", the PyTorch
+        reference otherwise)."""
         lead = gb_pos.shape[:-1]
         for name, t in (("gb_normal", gb_normal), ("kd", kd), ("ks", ks)):
             if t.shape[:-1] != lead or t.shape[-1] != 3:
@@ -349,15 +364,16 @@ class EnvironmentLight(nn.Module):
         wo = safe_normalize(view_pos - gb_pos)
         occlusion, roughness, metallic = ks[..., 0:1], ks[..., 1:2], ks[..., 2:3]
         diff_col = kd * (1.0 - metallic) if specular else kd
-        irradiance = texture_torch(diffuse_map[None], flat(gb_normal), filter_mode="linear", boundary_mode="cube")
+        irradiance = texture(diffuse_map[None], flat(gb_normal), filter_mode="linear", boundary_mode="cube",
+                             backend=backend)
         color = irradiance.reshape(*lead, 3) * diff_col
         if specular:
             spec_col = 0.04 * (1.0 - metallic) + kd * metallic
             n_dot_v = dot(wo, gb_normal).clamp(min=1e-4)
-            fg = texture_torch(fg_table(gb_pos.device), flat(torch.cat([n_dot_v, roughness], -1)),
-                               filter_mode="linear", boundary_mode="clamp").reshape(*lead, 2)
+            fg = texture(fg_table(gb_pos.device), flat(torch.cat([n_dot_v, roughness], -1)),
+                         filter_mode="linear", boundary_mode="clamp", backend=backend).reshape(*lead, 2)
             refl = safe_normalize(reflect(wo, gb_normal))
-            prefiltered = self._specular_lookup(spec_maps, refl, roughness)
+            prefiltered = self._specular_lookup(spec_maps, refl, roughness, backend)
             color = color + prefiltered * (spec_col * fg[..., 0:1] + fg[..., 1:2])
         return color * (1.0 - occlusion)
 

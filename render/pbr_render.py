@@ -70,7 +70,7 @@ def render_pbr(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor, campos_
     """-> (antialiased image [B, H, W, 3] in [0, 1], the raw ShadeOutput)."""
     gb = gbuffer or rasterize_gbuffer(ctx, mesh, mvp_bx4x4, resolution)
     out = shade_gbuffer(gb.pos, gb.normal, gb.mask, campos_bx3, material, light, gb_tangent=gb.tangent,
-                        use_bump=use_bump, mode=mode, background=background)
+                        use_bump=use_bump, mode=mode, background=background, backend=ctx)
     image = raster.antialias(out.rgb.contiguous(), gb.rast, gb.pos_clip, gb.tri, backend=ctx)
     return image, out
 

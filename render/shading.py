@@ -5,12 +5,14 @@ normals, tangents, coverage) and a camera position, so any backend can feed it.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from render.light import EnvironmentLight
+from render.light import EnvironmentLight, TextureBackend
 from render.material import MaterialMLP, perturb_normal
 from render.util import dot, linear_to_srgb, safe_normalize
 
@@ -36,7 +38,13 @@ def _background(background: str | Tensor, like: Tensor) -> Tensor:
         return background.to(like.device, like.dtype).expand_as(like)
     if background not in BACKGROUNDS:
         raise ShadingError(f"background must be one of {tuple(BACKGROUNDS)} or a tensor, got {background!r}")
-    return like.new_tensor(BACKGROUNDS[background]).expand_as(like)
+    return _background_color(background, like.dtype, like.device).expand_as(like)
+
+
+@functools.lru_cache(maxsize=16)
+def _background_color(name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[3] colour on `device`, copied once (a host copy per call would stall every step)."""
+    return torch.tensor(BACKGROUNDS[name], dtype=dtype, device=device)
 
 
 def _check(gb_pos: Tensor, gb_normal: Tensor, gb_tangent: Tensor | None, mask: Tensor, view_pos: Tensor,
@@ -58,13 +66,15 @@ def _check(gb_pos: Tensor, gb_normal: Tensor, gb_tangent: Tensor | None, mask: T
 
 def shade_gbuffer(gb_pos: Tensor, gb_normal: Tensor, mask: Tensor, view_pos: Tensor, material: MaterialMLP,
                   light: EnvironmentLight, gb_tangent: Tensor | None = None, use_bump: bool = False,
-                  mode: str = "pbr", background: str | Tensor = "black") -> ShadeOutput:
+                  mode: str = "pbr", background: str | Tensor = "black",
+                  backend: TextureBackend = "auto") -> ShadeOutput:
     """Shade covered pixels (mask > 0) and composite over the background.
 
     gb_pos, gb_normal (smooth, world space), gb_tangent: [B, H, W, 3]; mask [B, H, W, 1] in
     [0, 1] (e.g. antialiased coverage); view_pos [B, 3] camera positions. Modes: "pbr"
     (diffuse + specular), "diffuse", "kd" (albedo, sRGB), "ks" (raw channels), "normal"
-    ((n + 1) / 2). Only covered pixels are evaluated by the material network."""
+    ((n + 1) / 2). Only covered pixels are evaluated by the material network. ``backend``: the
+    light's texture lookups (pass the render's RasterContext)."""
     _check(gb_pos, gb_normal, gb_tangent, mask, view_pos, mode, use_bump)
     bsz = gb_pos.shape[0]
     # The covered pixels as one flat index (row-major, the order of boolean-mask indexing): a
@@ -88,7 +98,8 @@ def shade_gbuffer(gb_pos: Tensor, gb_normal: Tensor, mask: Tensor, view_pos: Ten
         n = perturb_normal(mat["nrm"], n, take(gb_tangent))
 
     if mode in ("pbr", "diffuse"):
-        color = linear_to_srgb(light.shade(pos, n, mat["kd"], mat["ks"], cam, specular=(mode == "pbr")))
+        color = linear_to_srgb(light.shade(pos, n, mat["kd"], mat["ks"], cam, specular=(mode == "pbr"),
+                                             backend=backend))
     elif mode == "kd":
         color = linear_to_srgb(mat["kd"])
     elif mode == "ks":

@@ -5,10 +5,12 @@
 
 Builds the SD 2.1-base architecture with random weights (no download; cached under --sd-model),
 runs the real training step of the stage (trainer.Trainer.train_step) and reports, in one process:
-ms per iteration (wall time of consecutive steps between two device syncs); the floor = the same diffusion calls alone at the same batch (coarse: the
-CFG UNet forward on 64x64 latents; fine/appearance: VAE encode forward+backward at 512^2 plus the
-UNet); their ratio; a breakdown of one step (geometry network, marching tets, rasterization +
-shading, guidance, backward, optimizer); and peak GPU memory. key=value overrides as in train.py.
+ms per iteration (wall time of consecutive steps between two device syncs); the floor = the same
+diffusion calls alone at the same batch, made exactly as the pipeline makes them (coarse: the CFG UNet
+forward on 64x64 latents; fine/appearance: VAE encode forward+backward at 512^2 plus the UNet); their
+ratio; with the UNet replayed from a CUDA graph, also the floor of the plain (eager) diffusers call;
+a breakdown of one step (geometry network, marching tets, rasterization + shading, guidance,
+backward, optimizer); and peak GPU memory. key=value overrides as in train.py.
 """
 from __future__ import annotations
 
@@ -110,6 +112,44 @@ def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> d
     return {k: round(statistics.median(timed(fn, device, iters, 2)), 3) for k, fn in parts.items()}
 
 
+def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, float]:
+    """torch.profiler over `steps` training steps: where the time goes, per step.
+
+    Writes the operator tables (by host time and by device time) and a gzipped Chrome trace to
+    ``out_dir``; returns per-step device-kernel time, kernel launches and host<->device syncs. A GPU
+    busy for much less than the wall time means the host (Python, launches, syncs) is the limit.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for i in range(steps):
+            trainer.train_step(it0 + i)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1000 / steps
+    events = prof.key_averages()
+    for key in ("self_cpu_time_total", "self_device_time_total"):
+        (out_dir / f"ops_by_{key}.txt").write_text(events.table(sort_by=key, row_limit=60))
+    prof.export_chrome_trace(str(out_dir / "trace.json"))
+    import gzip
+    import shutil
+    with open(out_dir / "trace.json", "rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    (out_dir / "trace.json").unlink()
+
+    def count(names: tuple[str, ...]) -> int:
+        return sum(e.count for e in events if e.key in names)
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    return {"profiled_wall_ms_per_step": round(wall_ms, 3),
+            "device_busy_ms_per_step": round(kernel_us / 1000 / steps, 3),
+            "kernel_launches_per_step": count(("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                               "cuLaunchKernelEx")) / steps,
+            "syncs_per_step": count(("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                     "cudaEventSynchronize")) / steps,
+            "memcpy_calls_per_step": count(("cudaMemcpyAsync", "cudaMemcpy")) / steps}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -119,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sd-model", default=str(Path(tempfile.gettempdir()) / "sd21_base_random"),
                     help="SD 2.1-base-shaped model folder (built with random weights if missing)")
     ap.add_argument("--out", default=None, help="JSON output path")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also profile 5 steps (CUDA only): operator tables and a trace into DIR")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
 
@@ -160,8 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     trainer.train_step(it0 + args.warmup + args.iters + 1)
     peak_step = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     floor = timed(floor_fn(phase, args.stage, cfg.batch, device), device, args.iters, args.warmup)
+    eager_floor = None
+    sd = phase.guide.sd
+    if sd.unet_runner != sd.eager_unet:   # also the floor of the plain diffusers call (DESIGN.md 8)
+        sd.unet_runner, graphed = sd.eager_unet, sd.unet_runner
+        eager_floor = statistics.median(timed(floor_fn(phase, args.stage, cfg.batch, device), device,
+                                              args.iters, args.warmup))
+        sd.unet_runner = graphed
     parts = breakdown(phase, trainer, args.stage, device, max(5, args.iters // 3))
     med, fl = mean_ms, statistics.median(floor)
+    prof = (profile_steps(trainer, it0 + args.warmup + args.iters + 2, 5, Path(args.profile))
+            if args.profile and device.type == "cuda" else None)
     result = {"config": args.config, "stage": args.stage, "overrides": args.overrides, "batch": cfg.batch,
               "train_res": cfg.train_res, "dmtet_grid": cfg.dmtet_grid,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -169,14 +220,19 @@ def main(argv: list[str] | None = None) -> int:
               "encoder_backend": getattr(getattr(phase, "geo", None), "sdf_net", None) and phase.geo.sdf_net.backend,
               "iteration_ms": round(med, 3), "iteration_ms_note": "wall time of consecutive steps / count",
               "host_step_ms_median": round(statistics.median(step_ms), 3),
-              "floor_ms_median": round(fl, 3), "ratio": round(med / fl, 3), "breakdown_ms": parts,
-              "peak_mem_gib": round(peak_step, 3) if peak_step is not None else None}
+              "unet": "cuda_graph" if eager_floor is not None else "eager",
+              "floor_ms_median": round(fl, 3), "ratio": round(med / fl, 3),
+              **({"eager_unet_floor_ms_median": round(eager_floor, 3),
+                  "ratio_to_eager_unet_floor": round(med / eager_floor, 3)} if eager_floor else {}),
+              "breakdown_ms": parts,
+              "peak_mem_gib": round(peak_step, 3) if peak_step is not None else None,
+              **({"profile": prof} if prof else {})}
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(f"{args.config} {args.stage}: {med:.1f} ms/it, floor {fl:.1f} ms, ratio {med / fl:.3f}, "
-          f"peak {result['peak_mem_gib']} GiB; breakdown {parts}")
+          f"peak {result['peak_mem_gib']} GiB; breakdown {parts}" + (f"; profile {prof}" if prof else ""))
     return 0
 
 

@@ -9,7 +9,8 @@
    the parts (material, light.shade) separately and the light construction time.
 2. Parity (when nvdiffrast imports): texture_torch vs nvdiffrast.torch.texture on a 2D
    texture and a cube map with linear-mipmap-linear filtering (per-pixel mip_level_bias):
-   max / mean abs difference of values and of tex gradients, and the time of both.
+   max / mean abs difference of values and of tex gradients, and the time of both; and
+   EnvironmentLight.shade on either texture backend: values and kd / ks / normal gradients.
 Prints a table and writes JSON to --out. `--device cpu` with small sizes is a smoke test.
 """
 from __future__ import annotations
@@ -190,6 +191,38 @@ def compare_texture(dr: Any, args: argparse.Namespace, device: torch.device) -> 
     return out
 
 
+def compare_shade(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """light.shade with its texture lookups on the PyTorch reference vs nvdiffrast: values and the
+    gradients training uses (kd, ks incl. roughness -> mip level, normals -> cube directions)."""
+    light = default_environment(res=args.cube_res, device=device)
+    pos, nrm, _, mask, view = sphere_gbuffer(args.batch, args.res, device)
+    sel = mask[..., 0] > 0
+    gen = torch.Generator(device=device).manual_seed(1)
+    pts = pos[sel]
+    n = torch.nn.functional.normalize(nrm[sel] + 0.3 * torch.randn(pts.shape, device=device, generator=gen), dim=-1)
+    kd = torch.rand(pts.shape, device=device, generator=gen)
+    ks = torch.rand(pts.shape, device=device, generator=gen)   # roughness over [0, 1]: every mip level
+    v = view.reshape(-1, 1, 1, 3).expand_as(pos)[sel]
+    grad_out = torch.randn(pts.shape, device=device, generator=gen)
+
+    def run(backend: str) -> dict[str, torch.Tensor]:
+        ins = {"kd": kd.clone().requires_grad_(True), "ks": ks.clone().requires_grad_(True),
+               "normal": n.clone().requires_grad_(True)}
+        y = light.shade(pts, ins["normal"], ins["kd"], ins["ks"], v, backend=backend)
+        (y * grad_out).sum().backward()
+        return {"value": y.detach(), **{k: t.grad for k, t in ins.items()}}
+
+    ref, nv = run("torch"), run("nvdiffrast")
+    out: dict[str, Any] = {"points": int(pts.shape[0])}
+    for key in ref:
+        d = (ref[key] - nv[key]).abs()
+        out[key] = {"max_abs": d.max().item(), "mean_abs": d.mean().item(),
+                    "rel_l2": ((ref[key] - nv[key]).norm() / nv[key].norm().clamp(min=1e-12)).item()}
+    out["torch_fwd_bwd"] = time_ms(lambda: run("torch"), device, args.iters, args.warmup)
+    out["nvdiffrast_fwd_bwd"] = time_ms(lambda: run("nvdiffrast"), device, args.iters, args.warmup)
+    return out
+
+
 def print_table(result: dict[str, Any]) -> None:
     s = result["shading"]
     print(f"device: {result['device']}  batch {s['batch']} x {s['resolution']}^2, cube {s['cube_res']}^2, "
@@ -208,6 +241,14 @@ def print_table(result: dict[str, Any]) -> None:
                   f"{p['tex_grad_rel_l2']:9.2e} {p['torch_fwd_bwd']['median_ms']:9.2f} {p['nvdiffrast_fwd_bwd']['median_ms']:9.2f}")
     else:
         print(f"texture parity: {par}")
+    shade = result.get("shade_parity")
+    if isinstance(shade, dict):
+        print(f"{'light.shade torch vs nvdr':26s} {'max abs':>9s} {'mean abs':>9s} {'rel L2':>9s}")
+        for key in ("value", "kd", "ks", "normal"):
+            p = shade[key]
+            print(f"{key:26s} {p['max_abs']:9.2e} {p['mean_abs']:9.2e} {p['rel_l2']:9.2e}")
+        print(f"light.shade fwd+bwd ms: torch {shade['torch_fwd_bwd']['median_ms']:.2f}, "
+              f"nvdiffrast {shade['nvdiffrast_fwd_bwd']['median_ms']:.2f}")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -244,6 +285,7 @@ def main() -> None:
         result["texture_parity"] = why or "skipped: nvdiffrast needs a CUDA device"
     else:
         result["texture_parity"] = compare_texture(dr, args, device)
+        result["shade_parity"] = compare_shade(args, device)
     print_table(result)
     write_json(args.out, result)
     print(f"wrote {args.out}")

@@ -39,7 +39,7 @@ def summarize(log: list[dict], skip: int) -> dict:
     ranks = len(log[0]["azimuth_deg"])
     az = [[a for r in log for a in r["azimuth_deg"][k]] for k in range(ranks)]
     return {"median_ms": per_stage, "iterations": len(log),
-            "params_identical_across_ranks": bool(checks) and all(len(set(c)) == 1 for c in checks),
+            "params_identical_across_ranks": bool(checks) and all(len({tuple(r) for r in c}) == 1 for c in checks),
             "checksums_checked": len(checks),
             "azimuth_range_deg_per_rank": [[round(min(a), 1), round(max(a), 1)] for a in az],
             "peak_mem_mb": max((r.get("peak_mem_mb", 0) for r in log), default=None)}

@@ -76,3 +76,44 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_sd_path: Path) -> None:
     # Per-rank RNG streams differ (seed + rank).
     assert not torch.equal(ckpt["rng"][0]["cam"], ckpt["rng"][1]["cam"])
     assert (run_dir / "dmtet_mesh" / "mesh.obj").is_file()
+
+
+def _step_all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    import distributed
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        info = distributed.DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        with_grad = torch.nn.Parameter(torch.zeros(3))
+        with_grad.grad = torch.full((3,), float(rank + 1))          # rank 0: 1s, rank 1: 2s
+        without_grad = torch.nn.Parameter(torch.zeros(2))           # no .grad on either rank
+        flags, values = distributed.step_all_reduce(
+            [with_grad, without_grad], [rank == 1, False], [10.0 * rank, 10.0 * rank + 1], info)
+        torch.save({"flags": flags, "values": values, "grad": with_grad.grad.clone(),
+                    "zero_grad": without_grad.grad.clone()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_step_all_reduce_averages_grads_ors_flags_and_gathers_values(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_step_all_reduce_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["flags"] == [True, False]                 # OR over ranks, the same on both
+        assert got["values"] == [[0.0, 1.0], [10.0, 11.0]]   # every rank's values, in rank order
+        torch.testing.assert_close(got["grad"], torch.full((3,), 1.5))   # mean of 1 and 2
+        torch.testing.assert_close(got["zero_grad"], torch.zeros(2))
+
+
+def test_step_all_reduce_one_process_is_a_pass_through() -> None:
+    import distributed
+    info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.0, 2.0])
+    assert distributed.step_all_reduce([p], [True, False], [3.5], info) == ([True, False], [[3.5]])
+    assert p.grad.tolist() == [1.0, 2.0]

@@ -128,3 +128,28 @@ def test_scheduler_matches_sd2_base(tiny_sd_path: Path) -> None:
     # scaled_linear: betas linear in sqrt space.
     expected = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(scheduler.betas.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_zero_output_model_gives_pure_noise_sds_gradient(tmp_path: Path) -> None:
+    """--zero-output: eps_hat = 0 for every input, so the SDS gradient is exactly w(t) * (-noise)
+    (zero mean); everything else about the model is the same build."""
+    from scripts.make_tiny_sd import build_tiny_sd
+    from sd import GuidanceOptions, StableDiffusionGuidance, add_noise, sds_weight
+
+    path = build_tiny_sd(tmp_path / "zero", zero_output=True)
+    sd = StableDiffusionGuidance(GuidanceOptions(sd_model=str(path), text="a cup", guidance_weight=50.0,
+                                                 image_resolution=64), "cpu")
+    latents = torch.randn(2, 4, 8, 8, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    result = sd.sds(latents, "geometry_coarse", it=1, generator=gen)
+    result.loss.backward()
+    # Replay the draws in sds()'s documented order (t, then noise) to know the noise it used.
+    replay = torch.Generator().manual_seed(0)
+    t = torch.randint(int(1000 * 0.02), int(1000 * 0.5) + 1, (2,), generator=replay)
+    torch.testing.assert_close(result.t, t)
+    noise = torch.randn(latents.shape, generator=replay)
+    z_t = add_noise(sd.alphas_cumprod, latents.detach(), noise, t)
+    emb = sd.text_embeddings(None, 2)
+    assert sd.predict_eps(z_t, t, emb).abs().max() == 0
+    w = sds_weight(sd.alphas_cumprod, t, "geometry_coarse", 0, 1, 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(latents.grad, -w * noise)

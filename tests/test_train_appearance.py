@@ -25,7 +25,9 @@ EGG_RADII = (0.6, 0.7, 0.6)
 ALBEDO_SIZE = 128
 # Fixed ks (occlusion, roughness, metallic): with ks_min == ks_max only the albedo can learn.
 FIXED_KS = [0.0, 0.5, 0.0]
-PSNR_TARGET_DB = 25.0
+# Regression threshold from the full-scale strategy-0 run (docs/benchmarks/quality, 34.2 dB at 512^2,
+# 2000 it): this 96^2, 150-iteration run measured 29.2 dB; 0.8x the full-scale value. Issue 6 asked 25.
+PSNR_TARGET_DB = 27.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,12 +172,14 @@ def test_target_mesh_guidance_recovers_the_albedo(tmp_path: Path, textured_egg: 
     after = load_phase(run_dir)
     cams = heldout_cameras(after.cfg)
     psnr_before, psnr_after = albedo_psnr(before, cams), albedo_psnr(after, cams)
+    print(f"albedo recovery (CPU, 96^2): {psnr_before:.1f} dB untrained -> {psnr_after:.1f} dB")
     # The threshold measures learning: the untrained (near-grey) material is far below it.
     assert psnr_before < PSNR_TARGET_DB - 5, psnr_before
     assert psnr_after >= PSNR_TARGET_DB, (psnr_before, psnr_after)
     # Other held-out elevations (below and above the training mean) recover too.
-    for elevation in (-5.0, 40.0):
-        assert albedo_psnr(after, heldout_cameras(after.cfg, elevation_deg=elevation)) >= PSNR_TARGET_DB - 2
+    others = [albedo_psnr(after, heldout_cameras(after.cfg, elevation_deg=e)) for e in (-5.0, 40.0)]
+    print(f"albedo recovery at elevations -5 / 40: {others[0]:.1f} / {others[1]:.1f} dB")
+    assert min(others) >= PSNR_TARGET_DB - 2, others
 
 
 # ------------------------------------------------------------------------------------------------

@@ -143,8 +143,13 @@ def test_target_mesh_guidance_recovers_the_mug(tmp_path: Path) -> None:
 
     out, ref = ev.load_surface(run_dir / "dmtet_mesh" / "mesh.obj"), ev.load_surface(target)
     metrics = ev.surface_metrics(out, ref, n_samples=20_000)
-    assert metrics["chamfer"] <= 0.03, metrics
-    assert ev.volume_iou(out, ref, resolution=64) >= 0.6   # thin walls at grid 32 cost IoU
+    iou = ev.volume_iou(out, ref, resolution=64)
+    print(f"mug recovery (CPU, grid 32): chamfer {metrics['chamfer']:.4f} of the diagonal, IoU {iou:.3f}")
+    # Regression thresholds from the full-scale run (docs/benchmarks/quality: car schedule, grid 128,
+    # 512^2: Chamfer 1.25%, IoU 0.82): this grid-32 run measured 1.04% / 0.743; it must stay within
+    # 1.6x that Chamfer and 0.8x that IoU (thin walls cost IoU at grid 32). Issue 6 asked <= 3%.
+    assert metrics["chamfer"] <= 0.02, metrics
+    assert iou >= 0.65, iou
     # The features a convex blob lacks: the open cavity and the hole through the handle.
     x_axis = float(ref.verts[:, 0].min()) + 0.5               # body axis (radius 0.5, handle at +x)
     probes = np.array([[x_axis, 0.3, 0.0],                    # in the cavity
