@@ -620,8 +620,12 @@ class CudaGraphUNet:
                 self.forward(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.forward(*static_in)
+        try:
+            with torch.cuda.graph(graph):
+                static_out = self.forward(*static_in)
+        except RuntimeError as e:   # e.g. a UNet version that reads a device value mid-forward
+            raise RuntimeError(f"capturing the UNet in a CUDA graph failed ({e}); set unet_cuda_graph=off "
+                               "to run it eagerly") from e
         return static_in, static_out, graph
 
 
