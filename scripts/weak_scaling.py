@@ -30,6 +30,16 @@ def run(config: str, nproc: int, overrides: list[str], run_dir: Path, port: int)
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
+def azimuth_arc(degrees: list[float]) -> list[float]:
+    """[start, end] of the shortest arc holding every azimuth, start in [-180, 180), end >= start
+    (may pass 180): a sector across the +-180 seam reads e.g. [135, 315], not [-180, 180]."""
+    a = sorted(((d + 180.0) % 360.0) - 180.0 for d in degrees)
+    gaps = [a[i + 1] - a[i] for i in range(len(a) - 1)] + [a[0] + 360.0 - a[-1]]
+    widest = max(range(len(a)), key=gaps.__getitem__)     # the arc starts after the widest gap
+    start = a[(widest + 1) % len(a)]
+    return [round(start, 1), round(start + 360.0 - gaps[widest], 1)]
+
+
 def summarize(log: list[dict], skip: int) -> dict:
     stages: dict[str, list[float]] = {}
     for rec in log:
@@ -41,7 +51,7 @@ def summarize(log: list[dict], skip: int) -> dict:
     return {"median_ms": per_stage, "iterations": len(log),
             "params_identical_across_ranks": bool(checks) and all(len({tuple(r) for r in c}) == 1 for c in checks),
             "checksums_checked": len(checks),
-            "azimuth_range_deg_per_rank": [[round(min(a), 1), round(max(a), 1)] for a in az],
+            "azimuth_range_deg_per_rank": [azimuth_arc(a) for a in az],
             "peak_mem_mb": max((r.get("peak_mem_mb", 0) for r in log), default=None)}
 
 

@@ -117,3 +117,10 @@ def test_step_all_reduce_one_process_is_a_pass_through() -> None:
     p.grad = torch.tensor([1.0, 2.0])
     assert distributed.step_all_reduce([p], [True, False], [3.5], info) == ([True, False], [[3.5]])
     assert p.grad.tolist() == [1.0, 2.0]
+
+
+def test_weak_scaling_reports_a_sector_across_the_seam_as_one_arc() -> None:
+    from scripts.weak_scaling import azimuth_arc
+    assert azimuth_arc([-44.0, 0.0, 134.0]) == [-44.0, 134.0]
+    assert azimuth_arc([140.0, 179.0, -179.0, -50.0]) == [140.0, 310.0]   # the back half: [135, 315)
+    assert azimuth_arc([10.0]) == [10.0, 10.0]
