@@ -16,8 +16,6 @@ aliasing. Brute force over all source texels is O(texels^2) and out of reach at 
 """
 from __future__ import annotations
 
-import functools
-
 import math
 import os
 import tempfile
@@ -30,10 +28,10 @@ from torch import Tensor, nn
 from render.fg_lut import fg_table, hammersley
 from render.raster import RasterContext, texture
 from render.texture_torch import PreparedCube, build_mip_chain, texture_torch
+from render.util import (cube_texel_dirs, cube_texel_solid_angles, device_constant, dir_to_latlong_uv,
+                         dot, latlong_dirs, reflect, safe_normalize)
 
 TextureBackend = str | RasterContext   # "auto" | "torch" | "nvdiffrast" or a rasterizer context
-from render.util import (cube_texel_dirs, cube_texel_solid_angles, dir_to_latlong_uv, dot,
-                         latlong_dirs, reflect, safe_normalize)
 
 # OpenCV reads this when it first decodes an EXR; it must be set before that happens.
 os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
@@ -222,13 +220,7 @@ def lobe_spread(roughness: float, n: int = 4096) -> float:
 
 
 _SPREAD_ROUGHNESS = np.linspace(MAX_ROUGHNESS, 1.0, 65)
-_SPREAD_VALUES = np.array([lobe_spread(float(r)) for r in _SPREAD_ROUGHNESS])
-
-
-@functools.lru_cache(maxsize=8)
-def _spread_table(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """_SPREAD_VALUES on `device`, copied once: a copy from pageable memory per call stalls the step."""
-    return torch.as_tensor(_SPREAD_VALUES, dtype=dtype, device=device)
+_SPREAD_VALUES = tuple(lobe_spread(float(r)) for r in _SPREAD_ROUGHNESS)
 
 
 def _lobe_spread_table(roughness: Tensor) -> Tensor:
@@ -237,7 +229,7 @@ def _lobe_spread_table(roughness: Tensor) -> Tensor:
     r = roughness.clamp(MAX_ROUGHNESS, 1.0)
     x = (r - MAX_ROUGHNESS) / (1.0 - MAX_ROUGHNESS) * (len(_SPREAD_ROUGHNESS) - 1)
     i0 = x.detach().floor().long().clamp(max=len(_SPREAD_ROUGHNESS) - 2)
-    table = _spread_table(roughness.dtype, roughness.device)
+    table = device_constant(_SPREAD_VALUES, roughness.dtype, roughness.device)
     return table[i0] + (table[i0 + 1] - table[i0]) * (x - i0.to(x.dtype))
 
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from render import raster
 from render.mesh import _safe_normalize
+from render.util import device_constant
 
 
 class NormalRenderError(ValueError):
@@ -95,19 +96,8 @@ def _face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
     for k in range(3):
         acc = acc.index_add(0, f[:, k], face_n)
     length2 = (acc * acc).sum(-1, keepdim=True)
-    acc = torch.where(length2 > 1e-20, acc, _unit_z(v.dtype, v.device).expand_as(acc))
+    acc = torch.where(length2 > 1e-20, acc, device_constant((0.0, 0.0, 1.0), v.dtype, v.device).expand_as(acc))
     return face_n, _safe_normalize(acc)
-
-
-_UNIT_Z: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _unit_z(dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(0, 0, 1) on `device`, copied there once (no host-to-device copy per call)."""
-    key = (dtype, device)
-    if key not in _UNIT_Z:
-        _UNIT_Z[key] = torch.tensor([0.0, 0.0, 1.0], dtype=dtype, device=device)
-    return _UNIT_Z[key]
 
 
 def normal_to_display(normal_mask_bxhxwx4: Tensor) -> Tensor:

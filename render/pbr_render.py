@@ -16,7 +16,7 @@ from render import raster
 from render.light import EnvironmentLight
 from render.mesh import Mesh
 from render.shading import ShadeOutput, shade_gbuffer
-from render.util import srgb_to_linear
+from render.util import device_constant, srgb_to_linear
 
 # points [N, 3] -> {"kd", "ks", "nrm"} each [N, 3] (a MaterialMLP, or a per-pixel stand-in)
 MaterialFn = Callable[[Tensor], dict]
@@ -85,8 +85,8 @@ class PerPixelMaterial:
     def __init__(self, kd_bxhxwx3: Tensor, ks: tuple[float, float, float], mask_bxhxwx1: Tensor) -> None:
         sel = mask_bxhxwx1[..., 0] > 0
         self.kd = kd_bxhxwx3[sel]                                                   # [N, 3]
-        self.ks = self.kd.new_tensor(ks).expand_as(self.kd)
-        self.nrm = self.kd.new_tensor((0.0, 0.0, 1.0)).expand_as(self.kd)
+        self.ks = device_constant(tuple(ks), self.kd.dtype, self.kd.device).expand_as(self.kd)
+        self.nrm = device_constant((0.0, 0.0, 1.0), self.kd.dtype, self.kd.device).expand_as(self.kd)
 
     def __call__(self, points_nx3: Tensor) -> dict:
         if points_nx3.shape[0] != self.kd.shape[0]:

@@ -5,8 +5,6 @@ normals, tangents, coverage) and a camera position, so any backend can feed it.
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +12,7 @@ from torch import Tensor
 
 from render.light import EnvironmentLight, TextureBackend
 from render.material import MaterialMLP, perturb_normal
-from render.util import dot, linear_to_srgb, safe_normalize
+from render.util import device_constant, dot, linear_to_srgb, safe_normalize
 
 DISPLAY_MODES = ("pbr", "diffuse", "kd", "ks", "normal")
 BACKGROUNDS = {"black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0)}
@@ -38,13 +36,7 @@ def _background(background: str | Tensor, like: Tensor) -> Tensor:
         return background.to(like.device, like.dtype).expand_as(like)
     if background not in BACKGROUNDS:
         raise ShadingError(f"background must be one of {tuple(BACKGROUNDS)} or a tensor, got {background!r}")
-    return _background_color(background, like.dtype, like.device).expand_as(like)
-
-
-@functools.lru_cache(maxsize=16)
-def _background_color(name: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """[3] colour on `device`, copied once (a host copy per call would stall every step)."""
-    return torch.tensor(BACKGROUNDS[name], dtype=dtype, device=device)
+    return device_constant(BACKGROUNDS[background], like.dtype, like.device).expand_as(like)
 
 
 def _check(gb_pos: Tensor, gb_normal: Tensor, gb_tangent: Tensor | None, mask: Tensor, view_pos: Tensor,

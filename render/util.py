@@ -10,6 +10,7 @@ Conventions (identical to nvdiffrast's cube-map indexing, so maps are interchang
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -21,6 +22,17 @@ CUBE_FACE_AXES: tuple[tuple[int, float], ...] = ((0, 1.0), (0, -1.0), (1, 1.0), 
 
 # ----------------------------------------------------------------------------------------
 # Colour.
+
+@functools.lru_cache(maxsize=64)
+def device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A constant vector [len(values)] on `device`, copied there once and cached.
+
+    A tensor built from host values on every call costs a pageable host-to-device copy, which
+    synchronizes the stream: in a training step's hot path that stalls the host each time.
+    Callers must not modify the result in place (it is shared).
+    """
+    return torch.tensor(values, dtype=dtype, device=device)
+
 
 def srgb_to_linear(srgb: Tensor) -> Tensor:
     """IEC 61966-2-1 decoding; input clamped to [0, 1] first (sRGB is only defined there)."""
