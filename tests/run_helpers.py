@@ -39,3 +39,29 @@ def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
             assert_same_tensors(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def check_resume_matches_straight_run(folder: Path, config: dict[str, Any], stop_at: int
+                                      ) -> tuple[dict, dict, list[dict], list[dict]]:
+    """The resume check of both phases: `config` run straight to its `iter` (folder/straight), and
+    run to `stop_at`, then continued with resume=auto (folder/split). Asserts both succeed, the split
+    run checkpointed at `stop_at`, and both end at `iter` with identical phase and optimizer state
+    and the split log numbered 1..iter. Returns (the split run's checkpoint at `stop_at`, its final
+    checkpoint, the straight log, the split log) for the phase-specific checks."""
+    total = config["iter"]
+    straight, split = folder / "straight", folder / "split"
+    assert run_train(write_config(folder, {**config, "out_dir": str(straight)}, "a.json")) == 0
+    cfg = write_config(folder, {**config, "out_dir": str(split)}, "b.json")
+    assert run_train(cfg, f"iter={stop_at}") == 0
+    first = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
+    assert first["it"] == stop_at
+    assert run_train(cfg, "resume=auto") == 0
+
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
+    b = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
+    assert a["it"] == b["it"] == total
+    assert_same_tensors(a["phase"], b["phase"])
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    log_straight, log_split = read_log(straight), read_log(split)
+    assert [r["it"] for r in log_split] == list(range(1, total + 1))
+    return first, b, log_straight, log_split

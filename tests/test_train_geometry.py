@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.run_helpers import assert_same_tensors, read_log, run_train, write_config
+from tests.run_helpers import check_resume_matches_straight_run, read_log, run_train, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,21 +80,7 @@ def test_geometry_run_writes_the_run_folder(tmp_path: Path, tiny_sd_path: Path) 
 def test_resume_is_bit_for_bit(tmp_path: Path, tiny_sd_path: Path) -> None:
     base = {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "iter": 10, "coarse_iter": 4, "save_interval": 5,
             "validate": False}
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(write_config(tmp_path, {**base, "out_dir": str(straight)}, "a.json")) == 0
-    cfg = write_config(tmp_path, {**base, "out_dir": str(split)}, "b.json")
-    assert run_train(cfg, "iter=5") == 0
-    assert torch.load(split / "checkpoints" / "last.pt", weights_only=False)["it"] == 5
-    assert run_train(cfg, "resume=auto") == 0
-
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
-    assert a["it"] == b["it"] == 10
-    assert_same_tensors(a["phase"], b["phase"])
-    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
-
-    log_a, log_b = read_log(straight), read_log(split)
-    assert [r["it"] for r in log_b] == list(range(1, 11))
+    _, _, log_a, log_b = check_resume_matches_straight_run(tmp_path, base, stop_at=5)
     for key in ("stage", "loss", "azimuth_deg", "nonfinite", "faces"):
         assert [r[key] for r in log_a] == [r[key] for r in log_b], key
 
