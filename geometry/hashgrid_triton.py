@@ -52,6 +52,22 @@ def _normalized(x_ptr, n, mask, lo_ptr, hi_ptr, axis: tl.constexpr):
 
 
 @triton.jit
+def _level_cell(tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl):
+    """One level's lattice cell of points at normalized (tx, ty, tz): the level's resolution (int,
+    float), dense flag and row offset, the fractional position in the cell and its int64 corner."""
+    res_i = tl.load(res_ptr + lvl)
+    res = res_i.to(tl.float32)
+    dense = tl.load(dense_ptr + lvl)
+    level_off = tl.load(off_ptr + lvl)
+    px, py, pz = tx * res, ty * res, tz * res
+    fx0 = tl.minimum(tl.floor(px), res - 1.0)
+    fy0 = tl.minimum(tl.floor(py), res - 1.0)
+    fz0 = tl.minimum(tl.floor(pz), res - 1.0)
+    return (res_i, res, dense, level_off, px - fx0, py - fy0, pz - fz0,
+            fx0.to(tl.int64), fy0.to(tl.int64), fz0.to(tl.int64))
+
+
+@triton.jit
 def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_ptr, off_ptr, N,
                      L: tl.constexpr, F: tl.constexpr, HASH_MASK: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -63,16 +79,8 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_p
     ty, _iy, _ey = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 1)
     tz, _iz, _ez = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 2)
     for lvl in range(L):
-        res_i = tl.load(res_ptr + lvl)
-        res = res_i.to(tl.float32)
-        dense = tl.load(dense_ptr + lvl)
-        level_off = tl.load(off_ptr + lvl)
-        px, py, pz = tx * res, ty * res, tz * res
-        fx0 = tl.minimum(tl.floor(px), res - 1.0)
-        fy0 = tl.minimum(tl.floor(py), res - 1.0)
-        fz0 = tl.minimum(tl.floor(pz), res - 1.0)
-        fx, fy, fz = px - fx0, py - fy0, pz - fz0
-        x0, y0, z0 = fx0.to(tl.int64), fy0.to(tl.int64), fz0.to(tl.int64)
+        res_i, res, dense, level_off, fx, fy, fz, x0, y0, z0 = _level_cell(
+            tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
         acc = tl.zeros((BLOCK, F), dtype=tl.float32)
         for c in tl.static_range(8):
             # Corner offsets are compile-time constants (unrolled loop); plain names, since
@@ -106,16 +114,8 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
     gy = tl.zeros((BLOCK,), dtype=tl.float32)
     gz = tl.zeros((BLOCK,), dtype=tl.float32)
     for lvl in range(L):
-        res_i = tl.load(res_ptr + lvl)
-        res = res_i.to(tl.float32)
-        dense = tl.load(dense_ptr + lvl)
-        level_off = tl.load(off_ptr + lvl)
-        px, py, pz = tx * res, ty * res, tz * res
-        fx0 = tl.minimum(tl.floor(px), res - 1.0)
-        fy0 = tl.minimum(tl.floor(py), res - 1.0)
-        fz0 = tl.minimum(tl.floor(pz), res - 1.0)
-        fx, fy, fz = px - fx0, py - fy0, pz - fz0
-        x0, y0, z0 = fx0.to(tl.int64), fy0.to(tl.int64), fz0.to(tl.int64)
+        res_i, res, dense, level_off, fx, fy, fz, x0, y0, z0 = _level_cell(
+            tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
         g = tl.load(gout_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], mask=mask[:, None],
                     other=0.0)  # [BLOCK, F]
         lgx = tl.zeros((BLOCK,), dtype=tl.float32)
