@@ -88,16 +88,16 @@ def step_all_reduce(params: list[torch.nn.Parameter], flags: list[bool], values:
     if not info.distributed:
         return list(flags), [list(values)]
     world, n_val = info.world_size, len(values)
-    tail = torch.zeros(len(flags) + world * n_val, dtype=torch.float64)
-    tail[:len(flags)] = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=torch.float64)
-    start = len(flags) + info.rank * n_val
-    tail[start:start + n_val] = torch.tensor(values, dtype=torch.float64)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     # The tail travels in the gradients' dtype (fp32): flags are 0/1, and the values (azimuths for
     # the log) keep ~1e-5 relative precision. Pinned + non-blocking: the copy does not stall.
     dtype = grads[0].dtype if grads else torch.float32
-    tail_dev = (tail.to(dtype).pin_memory().to(info.device, non_blocking=True) if info.device.type == "cuda"
-                else tail.to(info.device, dtype))
+    start = len(flags) + info.rank * n_val
+    tail = torch.zeros(len(flags) + world * n_val, dtype=dtype)
+    tail[:len(flags)] = torch.tensor([1.0 if f else 0.0 for f in flags], dtype=dtype)
+    tail[start:start + n_val] = torch.tensor(values, dtype=dtype)
+    tail_dev = (tail.pin_memory().to(info.device, non_blocking=True) if info.device.type == "cuda"
+                else tail.to(info.device))
     flat = torch.cat([g.reshape(-1) for g in grads] + [tail_dev])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     n_grad = flat.numel() - tail.numel()

@@ -311,7 +311,6 @@ class Trainer:
             return [float(sum(f.sum() for f in flat)), float(sum((f * f).sum() for f in flat))]
 
     def log(self, record: dict[str, Any]) -> None:
-        record = {k: v for k, v in record.items() if k != "stop"}
         if record["it"] % self.cfg.save_interval == 0 or record["it"] == self.cfg.iter:
             # Collective, at save points only (cheap): every rank's parameter checksum, so the log
             # shows that all ranks hold identical parameters.
@@ -378,13 +377,14 @@ class Trainer:
             while it < cfg.iter:
                 it += 1
                 record = self.train_step(it, stop_requested=interrupt.requested)
+                stop = record.pop("stop")
                 self.log(record)
                 self._update_progress(progress, record)
                 if it % cfg.save_interval == 0 or it == cfg.iter:
                     self.validate(it)
                     self.save_checkpoint(it)
                 # All ranks stop together after the same step (agreed in the step's collective).
-                if record["stop"]:
+                if stop:
                     if it % cfg.save_interval and it != cfg.iter:
                         self.save_checkpoint(it)
                     break

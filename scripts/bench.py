@@ -131,12 +131,7 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
     events = prof.key_averages()
     for key in ("self_cpu_time_total", "self_device_time_total"):
         (out_dir / f"ops_by_{key}.txt").write_text(events.table(sort_by=key, row_limit=60))
-    prof.export_chrome_trace(str(out_dir / "trace.json"))
-    import gzip
-    import shutil
-    with open(out_dir / "trace.json", "rb") as src, gzip.open(out_dir / "trace.json.gz", "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    (out_dir / "trace.json").unlink()
+    prof.export_chrome_trace(str(out_dir / "trace.json.gz"))   # a .gz path is written gzipped
 
     def count(names: tuple[str, ...]) -> int:
         return sum(e.count for e in events if e.key in names)
