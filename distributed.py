@@ -76,17 +76,21 @@ def barrier(info: DistInfo) -> None:
 
 
 def step_all_reduce(params: list[torch.nn.Parameter], flags: list[bool], values: list[float],
-                    info: DistInfo) -> tuple[list[bool], list[list[float]]]:
+                    info: DistInfo) -> torch.Tensor:
     """The optimizer step's one collective: every gradient averaged over ranks, each of ``flags``
-    OR-ed over ranks, and every rank's ``values`` (same length on each rank) in rank order.
+    summed over ranks, and every rank's ``values`` (same length on each rank) gathered.
 
     Sync point: every rank calls this once per optimizer step with the same parameter list, so all
     ranks step with identical gradients and keep identical parameters. The flags and values ride
     in the gradient bucket (each rank writes its values into its own slot of a zero block; SUM then
-    gathers them), so a step costs one all-reduce and one small host read, not one per flag.
+    gathers them), so a step costs one all-reduce, not one per flag.
+
+    Returns the reduced tail [len(flags) + world * len(values)] WITHOUT reading it: on CUDA it stays
+    on the device, so the host does not wait for the step; read it later (the trainer does one step
+    later) and split it with ``split_tail``. One process: no collective, the local tail on the CPU.
     """
     if not info.distributed:
-        return list(flags), [list(values)]
+        return torch.tensor([1.0 if f else 0.0 for f in flags] + [float(v) for v in values], dtype=torch.float64)
     world, n_val = info.world_size, len(values)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     # The tail travels in the gradients' dtype (fp32): flags are 0/1, and the values (azimuths for
@@ -101,7 +105,6 @@ def step_all_reduce(params: list[torch.nn.Parameter], flags: list[bool], values:
     flat = torch.cat([g.reshape(-1) for g in grads] + [tail_dev])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     n_grad = flat.numel() - tail.numel()
-    host_tail = flat[n_grad:].tolist()                    # the step's one host read
     flat[:n_grad] /= world
     offset = 0
     for p, g in zip(params, grads):
@@ -111,9 +114,14 @@ def step_all_reduce(params: list[torch.nn.Parameter], flags: list[bool], values:
         else:
             p.grad.copy_(flat[offset:offset + n].view_as(p))
         offset += n
-    out_flags = [v > 0 for v in host_tail[:len(flags)]]
-    per_rank = [host_tail[len(flags) + r * n_val:len(flags) + (r + 1) * n_val] for r in range(world)]
-    return out_flags, per_rank
+    return flat[n_grad:].clone()   # a copy: the gradient bucket is not kept alive for the log
+
+
+def split_tail(tail: list[float], n_flags: int, world_size: int) -> tuple[list[bool], list[list[float]]]:
+    """``step_all_reduce``'s tail, read on the host -> (flags OR-ed over ranks, values per rank)."""
+    n_val = (len(tail) - n_flags) // world_size
+    flags = [v > 0 for v in tail[:n_flags]]
+    return flags, [tail[n_flags + r * n_val:n_flags + (r + 1) * n_val] for r in range(world_size)]
 
 
 def gather_floats(values: list[float], info: DistInfo) -> list[list[float]]:

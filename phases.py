@@ -79,8 +79,7 @@ def latent_size(cfg: Config) -> int:
 def camera_chunks(cams: CameraBatch, size: int):
     """Consecutive sub-batches of at most `size` cameras (bounded memory for long turntables)."""
     for i in range(0, len(cams), size):
-        yield CameraBatch(**{f: (v[i:i + size] if isinstance(v, torch.Tensor) else v)
-                             for f, v in vars(cams).items()})
+        yield CameraBatch(**{f: (v if f == "resolution" else v[i:i + size]) for f, v in vars(cams).items()})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -39,22 +39,41 @@ class TrainingError(RuntimeError):
 @dataclass
 class StepResult:
     loss: torch.Tensor              # 0-dim; backward() puts the SDS gradient into the parameters
-    loss_value: float | None = None  # for logging
-    nonfinite: int | None = None    # non-finite gradient entries the guidance saw
-    skipped: bool | None = None     # True: do not step the optimizer this iteration
-    extra: dict[str, float] = field(default_factory=dict)
-    # Deferred form: an sd.SDSResult whose loss already injects zeros when skipped; the trainer
-    # then queues the backward first and reads loss_value/nonfinite/skipped afterwards, in one
-    # transfer per step, so the host does not wait for the diffusion model in the middle of a step.
-    sds: Any = None
+    sds: Any                        # the sd.SDSResult: its device-side stats are read one step later
+    extra: dict[str, float] = field(default_factory=dict)   # host values for the log
 
-    def __post_init__(self) -> None:
-        if self.sds is None and None in (self.loss_value, self.nonfinite, self.skipped):
-            raise TypeError("StepResult needs loss_value, nonfinite and skipped, or sds=<SDSResult>")
 
-    @property
-    def deferred(self) -> bool:
-        return self.sds is not None and self.skipped is None
+class HostCopy:
+    """Small tensors brought to host memory without stalling the stream.
+
+    CUDA parts are copied into pinned memory asynchronously (queued after everything that produces
+    them); ``tolist()`` waits for those copies only. Read one step later, they are long done, so the
+    host never waits for the step it has just queued."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self._parts: list[torch.Tensor] = []
+        self._done = None
+        for part in parts:
+            part = part.detach().reshape(-1)
+            if part.device.type == "cuda":
+                host = torch.empty(part.shape, dtype=part.dtype, pin_memory=True)
+                host.copy_(part, non_blocking=True)
+                part, self._done = host, torch.cuda.Event()
+            self._parts.append(part)
+        if self._done is not None:
+            self._done.record()
+
+    def tolist(self) -> list[list[float]]:
+        if self._done is not None:
+            self._done.synchronize()
+        return [p.tolist() for p in self._parts]
+
+
+@dataclass
+class QueuedStep:
+    """A step whose work is queued on the device; its host values are read by Trainer.finish_step."""
+    record: dict[str, Any]          # it, stage, ms and the phase's extra values
+    values: HostCopy                # [micro-steps, 2] SDS stats (non-finite, loss), then the step tail
 
 
 class Phase(Protocol):
@@ -221,24 +240,21 @@ class Trainer:
         # No autocast: geometry, rendering and the material run in fp32; the diffusion model holds
         # fp16 weights on CUDA and casts its inputs itself. The grad scaler protects that fp16 backward.
         result = self.phase.step(it, cams, self.noise_gen)
-        # A deferred result is not read yet: its loss injects zeros when skipped, so its backward
-        # is always queued (a skipped step is not applied below; .grad is reset next step).
-        if result.deferred or not result.skipped:
-            # Mean over micro-steps, so K/W accumulated micro-steps equal one K-GPU step.
-            self.scaler.scale(result.loss / self.micro_steps).backward()
-        return result, cams.azimuth
+        # Always queued: non-finite SDS entries go in unmasked and _optimizer_step skips the update.
+        # Mean over micro-steps, so K/W accumulated micro-steps equal one K-GPU step.
+        self.scaler.scale(result.loss / self.micro_steps).backward()
+        return result, list(cams.azimuth_deg_host)
 
-    @staticmethod
-    def _read_host_values(results: list[StepResult], azimuths: list[torch.Tensor]) -> list[float]:
-        """Fill the deferred results' host values; azimuths in degrees. One device read for all."""
-        lazy = [r for r in results if r.deferred]
-        parts = [r.sds.stats.float().reshape(-1) for r in lazy]
-        parts += [a.detach().float().reshape(-1).to(parts[0].device if parts else a.device) for a in azimuths]
-        values = torch.cat(parts).tolist() if parts else []   # the step's one host read for logging
-        for i, r in enumerate(lazy):
-            r.sds.set_host_values(values[2 * i:2 * i + 2])
-            r.loss_value, r.nonfinite, r.skipped = r.sds.loss_value, r.sds.nonfinite, r.sds.skipped
-        return [math.degrees(a) for a in values[2 * len(lazy):]]
+    def _optimizer_step(self) -> None:
+        """Apply the step unless a gradient is non-finite (sd's non-finite policy)."""
+        if self.scaler.is_enabled():
+            # CUDA: the grad scaler's inf/NaN check skips the update on the device (the fused AdamW
+            # takes the flag as a tensor), so the host does not wait. Like any fp16 overflow, a
+            # skipped step also halves the loss scale (it grows back after 2000 clean steps).
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
+            self.optimizer.step()   # CPU: the same rule, checked on the host (no stream to stall)
 
     def _start_timer(self) -> Any:
         """CUDA events around the step instead of a device synchronize: the host runs ahead."""
@@ -248,36 +264,26 @@ class Trainer:
         start.record()
         return start
 
-    def train_step(self, it: int, stop_requested: bool = False) -> dict[str, Any]:
-        """One optimizer step. The record's "stop" is True when any rank had ``stop_requested``;
-        its "azimuth_deg" holds every rank's camera azimuths, in rank order."""
+    def train_step(self, it: int, stop_requested: bool = False) -> QueuedStep:
+        """Queue one optimizer step (no host read on CUDA); ``finish_step`` gives its log record."""
         t0 = time.perf_counter()
         start_ev = self._start_timer()
         self.optimizer.zero_grad(set_to_none=True)
-        results, az_tensors = [], []
+        results, azimuths, extra = [], [], {}
         for j in range(self.micro_steps):
-            result, az = self._micro_step(it, j)
+            result, az_deg = self._micro_step(it, j)
             results.append(result)
-            az_tensors.append(az)
-        azimuths = self._read_host_values(results, az_tensors)
-        losses, nonfinite, skipped, extra = [], 0, False, {}
-        for result in results:
-            losses.append(result.loss_value)
-            nonfinite += result.nonfinite
-            skipped |= result.skipped
+            azimuths += az_deg
             for k, v in result.extra.items():
                 extra[k] = extra.get(k, 0.0) + v / self.micro_steps
-        # Sync point, the step's one collective: gradients averaged, and all ranks agree to skip when
-        # any rank saw non-finite guidance gradients, and to stop when any rank was interrupted.
-        (skipped, stop), azimuths = distributed.step_all_reduce(self.params, [skipped, stop_requested],
-                                                                azimuths, self.info)
-        if not skipped:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self._track_skips(it, skipped, nonfinite)
+        # Sync point (several processes), the step's one collective: gradients averaged (a
+        # non-finite entry on any rank reaches every rank, so all skip together), the stop flag
+        # OR-ed and every rank's azimuths gathered for the log. Read one step later, not here.
+        tail = distributed.step_all_reduce(self.params, [stop_requested], azimuths, self.info)
+        self._optimizer_step()
         # No device synchronize: on CUDA, "ms" here is the host time of the step (the host waits
-        # inside it, at marching tets and the read above, for the device); log() replaces it with
-        # the device time between the step's CUDA events, read one step late.
+        # inside it, at marching tets, for the device); log() replaces it with the device time
+        # between the step's CUDA events, read one step late.
         ms = (time.perf_counter() - t0) * 1000
         if start_ev is not None:
             end_ev = torch.cuda.Event(enable_timing=True)
@@ -285,8 +291,21 @@ class Trainer:
             self._step_events[it] = (start_ev, end_ev)
             for k in [k for k in self._step_events if k < it - 1]:   # never logged (e.g. a benchmark)
                 del self._step_events[k]
-        return {"it": it, "stage": self.phase.stage(it), "loss": float(np.mean(losses)) if losses else float("nan"),
-                "ms": round(ms, 2), "nonfinite": nonfinite, "skipped": skipped, "azimuth_deg": azimuths, "stop": stop, **extra}
+        stats = torch.stack([r.sds.stats for r in results])            # [micro-steps, 2]
+        record = {"it": it, "stage": self.phase.stage(it), "ms": round(ms, 2), **extra}
+        return QueuedStep(record, HostCopy([stats, tail]))
+
+    def finish_step(self, step: QueuedStep) -> dict[str, Any]:
+        """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
+        "stop" (any rank interrupted). Raises TrainingError after too many skipped steps in a row."""
+        stats, tail = step.values.tolist()
+        nonfinite, losses = int(sum(stats[0::2])), stats[1::2]
+        (stop,), azimuths = distributed.split_tail(tail, 1, self.info.world_size)
+        rec = step.record
+        self._track_skips(rec["it"], nonfinite > 0, nonfinite)
+        return {"it": rec["it"], "stage": rec["stage"], "loss": float(np.mean(losses)), "ms": rec["ms"],
+                "nonfinite": nonfinite, "skipped": nonfinite > 0, "azimuth_deg": azimuths, "stop": stop,
+                **{k: v for k, v in rec.items() if k not in ("it", "stage", "ms")}}
 
     def _track_skips(self, it: int, skipped: bool, nonfinite: int) -> None:
         if not skipped:
@@ -372,21 +391,24 @@ class Trainer:
         self.phase.prepare(resumed=self.start_it > 0)
         distributed.broadcast_params(self.params, self.info)  # sync point: identical start on every rank
         progress = self._progress()
-        it = self.start_it
+        it, queued = self.start_it, None
         with InterruptHandler() as interrupt, _flushing(self):
             while it < cfg.iter:
                 it += 1
-                record = self.train_step(it, stop_requested=interrupt.requested)
-                stop = record.pop("stop")
-                self.log(record)
-                self._update_progress(progress, record)
-                if it % cfg.save_interval == 0 or it == cfg.iter:
-                    self.validate(it)
+                step = self.train_step(it, stop_requested=interrupt.requested)
+                # The previous step is read now, while this one runs on the device: the host never
+                # waits for the step it has just queued. All ranks read the same OR-ed stop flag,
+                # so they all stop after this step.
+                stop = queued is not None and self._report(queued, progress)
+                queued = step
+                save_point = it % cfg.save_interval == 0 or it == cfg.iter
+                if save_point or stop:
+                    stop = self._report(queued, progress) or stop   # checkpoints need this step's values
+                    queued = None
+                    if save_point:
+                        self.validate(it)
                     self.save_checkpoint(it)
-                # All ranks stop together after the same step (agreed in the step's collective).
                 if stop:
-                    if it % cfg.save_interval and it != cfg.iter:
-                        self.save_checkpoint(it)
                     break
         if progress is not None:
             progress.close()
@@ -396,6 +418,14 @@ class Trainer:
             if it == cfg.iter:
                 self.write_video()
         distributed.barrier(self.info)  # sync point: no rank exits while rank 0 still writes
+
+    def _report(self, step: QueuedStep, progress: Any) -> bool:
+        """Log a queued step's record and advance the progress bar; True when the run should stop."""
+        record = self.finish_step(step)
+        stop = record.pop("stop")
+        self.log(record)
+        self._update_progress(progress, record)
+        return stop
 
     def _progress(self):
         if not self.info.is_main:

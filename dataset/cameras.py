@@ -64,6 +64,7 @@ class CameraBatch:
     view_index: Tensor      # [B] int64: 0 front, 1 side, 2 back, 3 side
     normal_rotate: Tensor   # [B, 3, 3] rotation about y (identity when not sampled)
     resolution: tuple[int, int]
+    azimuth_deg_host: tuple[float, ...] = ()   # the azimuths in degrees, on the host (for the log)
 
     def to(self, device: torch.device | str) -> "CameraBatch":
         return CameraBatch(**{f.name: (getattr(self, f.name).to(device)
@@ -202,7 +203,8 @@ def _build(azimuth_deg: Tensor, elevation_deg: Tensor, fovy_deg: Tensor, jitter:
     az32 = az.float()
     host = {"mv": mv, "mvp": mvp, "campos": campos, "azimuth": az32, "elevation": el, "fovy": fovy,
             "view_index": view_index(az32, opts.front_threshold), "normal_rotate": rot}
-    return CameraBatch(**_to_device(host, torch.device(device)), resolution=(int(h), int(w)))
+    return CameraBatch(**_to_device(host, torch.device(device)), resolution=(int(h), int(w)),
+                       azimuth_deg_host=tuple(math.degrees(a) for a in az32.tolist()))
 
 
 def _to_device(host: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

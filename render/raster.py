@@ -148,7 +148,7 @@ def _op_backend(backend: str | RasterContext, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     if backend == "nvdiffrast":
-        if _nv_module is None:
+        if _nv_module is None or device.type != "cuda":   # once loaded, still refuse CPU tensors
             _load_nvdiffrast(device)
         return "nvdiffrast"
     if device.type == "cuda":

@@ -112,6 +112,21 @@ def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> d
     return {k: round(statistics.median(timed(fn, device, iters, 2)), 3) for k, fn in parts.items()}
 
 
+def run_steps(trainer, first_it: int, n: int) -> list[float]:
+    """Steps first_it.. as Trainer.fit runs them (each step's record read while the next one is
+    queued); the host ms of each step."""
+    host_ms, queued = [], None
+    for it in range(first_it, first_it + n):
+        step = trainer.train_step(it)
+        if queued is not None:
+            trainer.finish_step(queued)
+        queued = step
+        host_ms.append(step.record["ms"])
+    if queued is not None:
+        trainer.finish_step(queued)
+    return host_ms
+
+
 def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, float]:
     """torch.profiler over `steps` training steps: where the time goes, per step.
 
@@ -124,8 +139,7 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for i in range(steps):
-            trainer.train_step(it0 + i)
+        run_steps(trainer, it0, steps)
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1000 / steps
     events = prof.key_averages()
@@ -180,21 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, info, phase, tmp, make_generators(cfg.seed, info))
     phase.prepare(resumed=False)
     it0 = 0 if args.stage != "fine" else 1  # fine: iterations past coarse_iter=0
-    for i in range(args.warmup):
-        trainer.train_step(it0 + i + 1)
+    run_steps(trainer, it0 + 1, args.warmup)
     # The trainer does not synchronize per step (the host runs ahead), so the iteration time is the
     # wall time of `iters` consecutive steps between two device syncs, divided by `iters`.
-    step_ms = []
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     t_all = time.perf_counter()
-    for i in range(args.iters):
-        step_ms.append(trainer.train_step(it0 + args.warmup + i + 1)["ms"])
+    step_ms = run_steps(trainer, it0 + args.warmup + 1, args.iters)
     sync()
     mean_ms = (time.perf_counter() - t_all) * 1000 / args.iters
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer.train_step(it0 + args.warmup + args.iters + 1)
+    run_steps(trainer, it0 + args.warmup + args.iters + 1, 1)
     peak_step = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     floor = timed(floor_fn(phase, args.stage, cfg.batch, device), device, args.iters, args.warmup)
     eager_floor = None

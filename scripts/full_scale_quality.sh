@@ -6,8 +6,8 @@
 #
 # JOBs: appearance_s0 | appearance_s1 | appearance_s2   (car strategy 0 / car strategy 1 /
 #         pineapple strategy 2 appearance configs; target = the textured egg, base_mesh = its shape)
-#       grid256_<ref>                                   (car_geometry at dmtet_grid=256, <ref> in
-#                                                        mug, thin_parts, torus)
+#       grid<N>_<ref>                                   (car_geometry at dmtet_grid=N, e.g. grid128_mug,
+#                                                        grid256_torus; <ref> in mug, thin_parts, torus)
 #       custom_mug                                      (user_mesh_geometry: custom_mesh init from a
 #                                                        coarse mug, target = the full-resolution mug)
 # Writes OUT_DIR/eval_<job>.json (evaluate.py output plus the run's wall time and log summary).
@@ -28,7 +28,8 @@ for job in "$@"; do
     appearance_s0) args=(--config configs/car_appearance_strategy0.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     appearance_s1) args=(--config configs/car_appearance_strategy1.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     appearance_s2) args=(--config configs/pineapple_appearance_strategy2_single_gpu.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
-    grid256_*) name=${job#grid256_}; args=(--config configs/car_geometry.json dmtet_grid=256 target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
+    grid*_*) name=${job#*_}; n=${job%%_*}; n=${n#grid}
+      args=(--config configs/car_geometry.json dmtet_grid=$n target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
     custom_mug)
       [ -f "$refs/coarse/mug.obj" ] || python3 scripts/make_reference_meshes.py "$refs/coarse" --resolution 24 >/dev/null
       args=(--config configs/user_mesh_geometry.json base_mesh=$refs/coarse/mug.obj target_mesh=$refs/mug.obj); ref=$refs/mug.obj; images=normal ;;

@@ -88,8 +88,9 @@ def _step_all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
         with_grad = torch.nn.Parameter(torch.zeros(3))
         with_grad.grad = torch.full((3,), float(rank + 1))          # rank 0: 1s, rank 1: 2s
         without_grad = torch.nn.Parameter(torch.zeros(2))           # no .grad on either rank
-        flags, values = distributed.step_all_reduce(
+        tail = distributed.step_all_reduce(
             [with_grad, without_grad], [rank == 1, False], [10.0 * rank, 10.0 * rank + 1], info)
+        flags, values = distributed.split_tail(tail.tolist(), 2, 2)
         torch.save({"flags": flags, "values": values, "grad": with_grad.grad.clone(),
                     "zero_grad": without_grad.grad.clone()}, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -115,7 +116,8 @@ def test_step_all_reduce_one_process_is_a_pass_through() -> None:
     info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([1.0, 2.0])
-    assert distributed.step_all_reduce([p], [True, False], [3.5], info) == ([True, False], [[3.5]])
+    tail = distributed.step_all_reduce([p], [True, False], [3.5], info)
+    assert distributed.split_tail(tail.tolist(), 2, 1) == ([True, False], [[3.5]])
     assert p.grad.tolist() == [1.0, 2.0]
 
 

@@ -264,6 +264,14 @@ def test_backend_selection() -> None:
         raster.texture(tex, uv, backend="nvdiffrast")
 
 
+def test_explicit_nvdiffrast_refuses_cpu_tensors_once_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a GPU machine nvdiffrast is usually loaded by an earlier call; CPU tensors must still get
+    # the clear error instead of reaching the CUDA plugin (it failed there with a CUDAGuard error).
+    monkeypatch.setattr(raster, "_nv_module", object())
+    with pytest.raises(RasterBackendError, match="CUDA"):
+        raster.texture(torch.zeros(1, 4, 4, 3), torch.zeros(1, 2, 2, 2), backend="nvdiffrast")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_parity() -> None:

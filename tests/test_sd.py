@@ -401,7 +401,12 @@ def test_nonfinite_entries_counted_and_step_skipped() -> None:
     assert result.nonfinite == 5 and result.skipped
     assert not torch.isfinite(torch.tensor(result.loss_value))      # reported, not hidden
     result.loss.backward()
-    assert torch.equal(latents.grad, torch.zeros_like(latents))     # nothing applied
+    # Injected unmasked: exactly the entries that were non-finite reach the gradient, where the
+    # optimizer step's finiteness check (grad scaler / trainer) skips the step.
+    bad = ~torch.isfinite(latents.grad)
+    assert bad.sum() == 5 and bad[0, 0, 0, :3].all() and bad[1, 2, 5, 5:7].all()
+    torch.testing.assert_close(latents.grad[~bad], (torch.tensor([0.5, 0.7]).view(2, 1, 1, 1)
+                                                    * (eps_hat - noise)).expand_as(bad)[~bad])
 
 
 def test_finite_step_not_skipped() -> None:
@@ -421,7 +426,7 @@ def test_nonfinite_render_skips_full_sds_step(geo: StableDiffusionGuidance) -> N
                      generator=torch.Generator().manual_seed(0))
     assert result.skipped and result.nonfinite > 0
     result.loss.backward()
-    assert torch.isfinite(latents.grad).all() and latents.grad.abs().sum() == 0
+    assert not torch.isfinite(latents.grad).all()                  # left for the step's check to skip
 
 
 # --------------------------------------------------------------------------- missing model
@@ -508,11 +513,11 @@ def test_sds_result_reads_host_values_lazily() -> None:
     eps_hat[0, 1, 1, 1] = float("inf")
     result = sds_from_eps(latents, noise, torch.tensor([10]), eps_hat, torch.tensor([2.0]))
     assert "unread" in repr(result)                                  # nothing read from the device yet
-    assert bool(result.skipped_flag) and result.stats.shape == (2,)
+    assert result.stats.shape == (2,)
     result.loss.backward()                                           # queued before any host read
-    assert torch.equal(latents.grad, torch.zeros_like(latents))
-    result.set_host_values(result.stats.tolist())
+    assert "unread" in repr(result)
     assert result.nonfinite == 1 and result.skipped and result.loss_value == float("inf")
+    assert "unread" not in repr(result)
 
 
 # --------------------------------------------------------------------------- CUDA graph UNet
