@@ -162,9 +162,16 @@ class GeometryPhase:
 
     def export(self, out_dir: Path) -> list[Path]:
         from render.export import write_glb, write_obj
+        from render.mesh import compute_vertex_normals, drop_small_components
         from render.uv import unwrap
         with torch.no_grad():
-            mesh = self.geo.mesh().to("cpu")
+            mesh = self.geo.mesh(with_normals=False).to("cpu")
+        frac = self.cfg.mesh_min_component_fraction
+        mesh, kept = drop_small_components(mesh, frac)
+        if kept.dropped:
+            print(f"removed {kept.dropped} of {kept.components} connected components ({kept.dropped_faces} faces), "
+                  f"each under {frac:.1%} of the faces (mesh_min_component_fraction=0 keeps them)", flush=True)
+        mesh = compute_vertex_normals(mesh)
         # xatlas can take minutes on a large, noisy surface: say what is happening and how long it took.
         print(f"unwrapping UVs with xatlas ({mesh.t_pos_idx.shape[0]} faces)...", end=" ", flush=True)
         t0 = time.perf_counter()

@@ -286,3 +286,48 @@ def unit_size(mesh: Mesh) -> Mesh:
         raise MeshError(f"unit_size: mesh has zero extent (radius {radius}); cannot scale it")
     # Uniform scale and translation leave normals and tangents unchanged.
     return replace(mesh, v_pos=centred / radius)
+
+
+@dataclass(frozen=True)
+class ComponentFilterReport:
+    components: int         # connected components before filtering
+    dropped: int            # components removed
+    dropped_faces: int      # faces removed
+
+
+def drop_small_components(mesh: Mesh, min_fraction: float) -> tuple[Mesh, ComponentFilterReport]:
+    """Remove connected components (sharing vertices) with fewer than ``min_fraction`` of the faces.
+
+    For a surface extracted by marching tets, small components are floaters: sheets and bubbles
+    in regions the cameras barely see (a mug's cavity, the inside of the body), which no view
+    constrains. The largest component is always kept. Only positions and faces are kept (attributes
+    are computed after filtering); vertices are compacted, order otherwise preserved.
+    """
+    if not 0.0 <= min_fraction < 1.0:
+        raise ValueError(f"min_fraction: expected a fraction in [0, 1), got {min_fraction}")
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = mesh.t_pos_idx.detach().cpu().numpy()                               # [F, 3]
+    n_verts, n_faces = mesh.v_pos.shape[0], faces.shape[0]
+    if n_faces == 0:
+        return mesh, ComponentFilterReport(0, 0, 0)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])                 # spans each face
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n_verts, n_verts))
+    n_comp, vert_label = connected_components(graph, directed=False)
+    face_label = vert_label[faces[:, 0]]                                         # [F]
+    sizes = np.bincount(face_label, minlength=n_comp)
+    keep_comp = (sizes >= min_fraction * n_faces) | (sizes == sizes.max())
+    keep_face = keep_comp[face_label]
+    dropped = int(np.count_nonzero(~keep_comp & (sizes > 0)))
+    report = ComponentFilterReport(int(np.count_nonzero(sizes)), dropped, int(np.count_nonzero(~keep_face)))
+    if report.dropped_faces == 0:
+        return mesh, report
+    kept = faces[keep_face]
+    used = np.unique(kept)
+    remap = np.full(n_verts, -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    device = mesh.v_pos.device
+    v_pos = mesh.v_pos[torch.from_numpy(used).to(device)]
+    t_pos_idx = torch.from_numpy(remap[kept]).to(device=device, dtype=mesh.t_pos_idx.dtype)
+    return Mesh(v_pos=v_pos, t_pos_idx=t_pos_idx), report

@@ -15,6 +15,7 @@ from render.mesh import (
     MeshFileNotFoundError,
     compute_tangents,
     compute_vertex_normals,
+    drop_small_components,
     load_mesh,
     unit_size,
     validate_mesh,
@@ -181,3 +182,32 @@ def test_unit_size_and_to() -> None:
     assert float(mesh.v_pos.norm(dim=-1).max()) == pytest.approx(1.0, abs=1e-6)
     moved = mesh.to("cpu")
     assert moved.v_pos.device.type == "cpu" and moved.t_pos_idx.dtype == torch.int64
+
+
+def _parts(*meshes: trimesh.Trimesh) -> Mesh:
+    """One Mesh holding several disjoint parts (vertices shared within each part, as marching tets)."""
+    both = trimesh.util.concatenate(list(meshes))
+    return Mesh(torch.tensor(both.vertices, dtype=torch.float32), torch.tensor(both.faces, dtype=torch.int64))
+
+
+def test_drop_small_components_keeps_the_body_and_drops_floaters() -> None:
+    body = trimesh.creation.icosphere(subdivisions=4)                              # 5120 faces
+    handle = trimesh.creation.icosphere(subdivisions=2).apply_translation([3, 0, 0])  # 320 faces: 5.8%
+    floater = trimesh.creation.icosphere(subdivisions=0, radius=0.05).apply_translation([0, 3, 0])  # 20
+    mesh = _parts(floater, body, handle)
+    out, report = drop_small_components(mesh, 0.01)
+    assert (report.components, report.dropped, report.dropped_faces) == (3, 1, 20)
+    assert out.t_pos_idx.shape == (5120 + 320, 3) and out.v_pos.shape[0] == 2562 + 162
+    assert out.t_pos_idx.min() == 0 and out.t_pos_idx.max() == out.v_pos.shape[0] - 1   # compacted
+    # What is left is exactly the body and the handle (the floater sat at y = 3).
+    assert out.v_pos[:, 1].max() < 1.01
+    kept = trimesh.Trimesh(out.v_pos.numpy(), out.t_pos_idx.numpy(), process=False)
+    assert len(kept.split(only_watertight=False)) == 2
+    np.testing.assert_allclose(kept.area, body.area + handle.area, rtol=1e-5)
+    # A 10% bar also removes the handle; the largest component always stays, 0 keeps everything.
+    assert drop_small_components(mesh, 0.1)[1].dropped_faces == 340
+    assert drop_small_components(_parts(floater), 0.99)[0].t_pos_idx.shape == (20, 3)
+    same, report = drop_small_components(mesh, 0.0)
+    assert same is mesh and report.dropped == 0
+    with pytest.raises(ValueError, match="min_fraction"):
+        drop_small_components(mesh, 1.0)
