@@ -379,8 +379,14 @@ class Trainer:
         with torch.no_grad():
             frames = self.phase.turntable_frames(cams)  # [N, H, W, 3] uint8
         tmp = self.run_dir / "video.tmp.mp4"
-        # H.264 wants even sizes; macro_block_size=1 keeps ours as they are.
-        iio2.mimwrite(tmp, list(frames), fps=30, macro_block_size=1)
+        # The ffmpeg writer by name: with imageio-ffmpeg missing, imageio would otherwise try another
+        # plugin for ".mp4" (tifffile) and fail with an unrelated TypeError (check_video_writer
+        # refuses such a run before training). H.264 wants even sizes; macro_block_size=1 keeps ours.
+        try:
+            iio2.mimwrite(tmp, list(frames), format="FFMPEG", fps=30, macro_block_size=1)
+        except BaseException:
+            tmp.unlink(missing_ok=True)   # no partial file left behind
+            raise
         os.replace(tmp, self.run_dir / "video.mp4")
 
     # -------------------------------------------------------------------------------- main
@@ -465,6 +471,17 @@ def make_generators(seed: int, info: distributed.DistInfo) -> tuple[torch.Genera
     return cam, noise
 
 
+def check_video_writer(cfg: Config) -> None:
+    """Fail before training, not after it, when the final turntable video cannot be written."""
+    if not (cfg.validate and cfg.video_frames > 0):
+        return
+    try:
+        import imageio_ffmpeg  # noqa: F401  the ffmpeg binary imageio's FFMPEG writer uses
+    except ImportError as e:
+        raise TrainingError(f"video_frames={cfg.video_frames} needs the imageio-ffmpeg package to write video.mp4 "
+                            f"({e}); install it (pip install imageio-ffmpeg) or set video_frames=0") from e
+
+
 def run(cfg: Config, config_path: str | None = None) -> int:
     from phases import build_phase, user_errors  # heavy imports only when training
 
@@ -481,6 +498,7 @@ def run(cfg: Config, config_path: str | None = None) -> int:
         # neither two identical runs nor a resumed run match bit for bit.
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        check_video_writer(cfg)
         run_dir = cfg.run_dir(config_path)
         if info.is_main:
             write_json_atomic(run_dir / "config.json", cfg.to_dict())

@@ -190,6 +190,22 @@ def test_appearance_with_unreadable_base_mesh(tmp_path: Path, tiny_sd_path: Path
     assert "broken.obj" in line
 
 
+def test_missing_video_writer_fails_before_training(tmp_path: Path, tiny_sd_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    # Without imageio-ffmpeg the final video cannot be written (seen on a GPU machine: imageio fell
+    # back to its TIFF plugin after a full run). The run must refuse at the start, not at the end.
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)        # import raises ImportError
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(run_dir)})
+    assert run_train(cfg) != 0
+    line = _one_error_line(capsys.readouterr().err)
+    assert "imageio-ffmpeg" in line and "video_frames=0" in line
+    assert not (run_dir / "log.jsonl").exists()                     # nothing trained
+    # video_frames=0 needs no writer.
+    assert run_train(cfg, "video_frames=0", "iter=2", "coarse_iter=1", "save_interval=2") == 0
+
+
 @pytest.mark.parametrize("model", ["stabilityai/stable-diffusion-2-1-base", "MISSING_LOCAL"])
 def test_missing_model_offline(tmp_path: Path, model: str) -> None:
     if model == "MISSING_LOCAL":
