@@ -72,7 +72,10 @@ class HostCopy:
 @dataclass
 class QueuedStep:
     """A step whose work is queued on the device; its host values are read by Trainer.finish_step."""
-    record: dict[str, Any]          # it, stage, ms and the phase's extra values
+    it: int
+    stage: str
+    ms: float                       # host time of the step (on CUDA, log() swaps in the device time)
+    extra: dict[str, float]         # the phase's host values, averaged over micro-steps
     values: HostCopy                # [micro-steps, 2] SDS stats (non-finite, loss), then the step tail
 
 
@@ -292,8 +295,7 @@ class Trainer:
             for k in [k for k in self._step_events if k < it - 1]:   # never logged (e.g. a benchmark)
                 del self._step_events[k]
         stats = torch.stack([r.sds.stats for r in results])            # [micro-steps, 2]
-        record = {"it": it, "stage": self.phase.stage(it), "ms": round(ms, 2), **extra}
-        return QueuedStep(record, HostCopy([stats, tail]))
+        return QueuedStep(it, self.phase.stage(it), round(ms, 2), extra, HostCopy([stats, tail]))
 
     def finish_step(self, step: QueuedStep) -> dict[str, Any]:
         """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
@@ -301,11 +303,10 @@ class Trainer:
         stats, tail = step.values.tolist()
         nonfinite, losses = int(sum(stats[0::2])), stats[1::2]
         (stop,), azimuths = distributed.split_tail(tail, 1, self.info.world_size)
-        rec = step.record
-        self._track_skips(rec["it"], nonfinite > 0, nonfinite)
-        return {"it": rec["it"], "stage": rec["stage"], "loss": float(np.mean(losses)), "ms": rec["ms"],
+        self._track_skips(step.it, nonfinite > 0, nonfinite)
+        return {"it": step.it, "stage": step.stage, "loss": float(np.mean(losses)), "ms": step.ms,
                 "nonfinite": nonfinite, "skipped": nonfinite > 0, "azimuth_deg": azimuths, "stop": stop,
-                **{k: v for k, v in rec.items() if k not in ("it", "stage", "ms")}}
+                **step.extra}
 
     def _track_skips(self, it: int, skipped: bool, nonfinite: int) -> None:
         if not skipped:

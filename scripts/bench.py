@@ -121,7 +121,7 @@ def run_steps(trainer, first_it: int, n: int) -> list[float]:
         if queued is not None:
             trainer.finish_step(queued)
         queued = step
-        host_ms.append(step.record["ms"])
+        host_ms.append(step.ms)
     if queued is not None:
         trainer.finish_step(queued)
     return host_ms
