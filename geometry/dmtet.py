@@ -442,8 +442,8 @@ def _empty_mesh_message(sdf_v: torch.Tensor, grid_res: int, mesh_scale: float) -
     else:
         state = f"every grid vertex is inside (sdf < 0, max {hi:.4g}): the shape fills the grid"
     return (f"marching tets produced no triangles on the dmtet_grid={grid_res} grid "
-            f"(mesh_scale={mesh_scale}): {state}. Likely fixes: lower 'guidance_weight' (SDS too "
-            "strong destroys the shape early); check that 'sdf_init_shape_scale', 'translation_y' "
-            "and 'translation_z' put the initial shape inside the grid box [-0.5, 0.5]^3 * "
-            "mesh_scale and that 'mesh_scale' is large enough to contain it; make sure the SDF "
-            "pretraining ran (coarse_iter > 0).")
+            f"(mesh_scale={mesh_scale}): {state}. Likely fixes: with Stable Diffusion guidance, lower "
+            "'guidance_weight' (SDS too strong destroys the shape early); check that "
+            "'sdf_init_shape_scale', 'translation_y' and 'translation_z' put the initial shape inside "
+            "the grid box [-0.5, 0.5]^3 * mesh_scale and that 'mesh_scale' is large enough to contain "
+            "it; make sure the SDF pretraining ran (sdf_init_iter > 0).")

@@ -139,7 +139,7 @@ def test_empty_mesh_raises_clear_error(value: float, state: str) -> None:
     with pytest.raises(EmptyMeshError, match="no triangles") as err:
         geo.extract()
     msg = str(err.value)
-    for hint in ("guidance_weight", "sdf_init_shape_scale", "translation_y", "mesh_scale", state):
+    for hint in ("guidance_weight", "sdf_init_shape_scale", "translation_y", "mesh_scale", "sdf_init_iter > 0", state):
         assert hint in msg
 
 
