@@ -288,6 +288,19 @@ def unit_size(mesh: Mesh) -> Mesh:
     return replace(mesh, v_pos=centred / radius)
 
 
+def face_component_labels(faces_fx3: np.ndarray, n_verts: int | None = None) -> np.ndarray:
+    """Connected-component id per face [F]: faces are connected when they share a vertex index
+    (position indices: the surface's parts; UV indices: its UV islands)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = int(faces_fx3.max()) + 1 if n_verts is None else n_verts
+    edges = np.concatenate([faces_fx3[:, [0, 1]], faces_fx3[:, [1, 2]]])        # spans each face
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, vertex_label = connected_components(graph, directed=False)
+    return vertex_label[faces_fx3[:, 0]]
+
+
 @dataclass(frozen=True)
 class ComponentFilterReport:
     components: int         # connected components before filtering
@@ -305,18 +318,12 @@ def drop_small_components(mesh: Mesh, min_fraction: float) -> tuple[Mesh, Compon
     """
     if not 0.0 <= min_fraction < 1.0:
         raise ValueError(f"min_fraction: expected a fraction in [0, 1), got {min_fraction}")
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     faces = mesh.t_pos_idx.detach().cpu().numpy()                               # [F, 3]
     n_verts, n_faces = mesh.v_pos.shape[0], faces.shape[0]
     if n_faces == 0:
         return mesh, ComponentFilterReport(0, 0, 0)
-    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])                 # spans each face
-    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n_verts, n_verts))
-    n_comp, vert_label = connected_components(graph, directed=False)
-    face_label = vert_label[faces[:, 0]]                                         # [F]
-    sizes = np.bincount(face_label, minlength=n_comp)
+    face_label = face_component_labels(faces, n_verts)                           # [F]
+    sizes = np.bincount(face_label)                                              # faces per component
     keep_comp = (sizes >= min_fraction * n_faces) | (sizes == sizes.max())
     keep_face = keep_comp[face_label]
     dropped = int(np.count_nonzero(~keep_comp & (sizes > 0)))

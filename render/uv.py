@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from render.mesh import Mesh, MeshError, validate_mesh
+from render.mesh import Mesh, MeshError, face_component_labels, validate_mesh
 
 
 class UnwrapError(RuntimeError):
@@ -116,16 +116,7 @@ def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
 
 def uv_island_labels(t_tex_idx_fx3: torch.Tensor) -> np.ndarray:
     """Per-face UV island id [F] (connected components of the faces' shared UV vertices)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    faces = t_tex_idx_fx3.detach().cpu().numpy()
-    n = int(faces.max()) + 1
-    rows = np.concatenate([faces[:, 0], faces[:, 1]])
-    cols = np.concatenate([faces[:, 1], faces[:, 2]])
-    graph = coo_matrix((np.ones(rows.shape[0], dtype=np.int8), (rows, cols)), shape=(n, n))
-    _, vertex_label = connected_components(graph, directed=False)
-    return vertex_label[faces[:, 0]]
+    return face_component_labels(t_tex_idx_fx3.detach().cpu().numpy())
 
 
 def chart_count(mesh: Mesh) -> int:
