@@ -10,11 +10,14 @@ diffusion calls alone at the same batch, made exactly as the pipeline makes them
 forward on 64x64 latents; fine/appearance: VAE encode forward+backward at 512^2 plus the UNet); their
 ratio; with the UNet replayed from a CUDA graph, also the floor of the plain (eager) diffusers call;
 a breakdown of one step (geometry network, marching tets, rasterization + shading, guidance,
-backward, optimizer); and peak GPU memory. key=value overrides as in train.py.
+backward, optimizer); and peak GPU memory. key=value overrides as in train.py. ``--profile DIR``
+adds per-step device-busy time, kernel launches, syncs and where the host waited for the device
+(``host_waits_ms_per_step``: by this repository's innermost function around each blocking call).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -127,6 +130,31 @@ def run_steps(trainer, first_it: int, n: int) -> list[float]:
     return host_ms
 
 
+# Runtime calls during which the host can block on the device: syncs, and copies that wait for the
+# stream (device->host, or from pageable memory).
+WAIT_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync",
+              "cudaMemcpy")
+
+
+def blocking_waits(events: list[dict], steps: int, own_files: set[str], min_us: float = 100.0) -> dict[str, float]:
+    """Where the host waited for the device: ms per step of each blocking runtime call lasting at
+    least ``min_us``, by the innermost frame of this repository around it (a Chrome trace recorded
+    with ``with_stack=True``; frames are named "path.py(line): function", path relative to the
+    import root, so ``own_files`` holds the repository's .py paths). Calls outside any own frame
+    are listed under the runtime call's name."""
+    spans = [e for e in events if e.get("ph") == "X"]
+    frames = [e for e in spans if e.get("cat") == "python_function" and e["name"].split("(")[0] in own_files]
+    waited: dict[str, float] = {}
+    for call in spans:
+        if call.get("cat") != "cuda_runtime" or call["name"] not in WAIT_CALLS or call["dur"] < min_us:
+            continue
+        end = call["ts"] + call["dur"]
+        around = [f for f in frames if f["ts"] <= call["ts"] and f["ts"] + f["dur"] >= end]
+        where = min(around, key=lambda f: f["dur"])["name"] if around else call["name"]
+        waited[where] = waited.get(where, 0.0) + call["dur"] / 1000 / steps
+    return {k: round(v, 3) for k, v in sorted(waited.items(), key=lambda kv: -kv[1])}
+
+
 def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, float]:
     """torch.profiler over `steps` training steps: where the time goes, per step.
 
@@ -137,7 +165,7 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
     from torch.profiler import ProfilerActivity, profile
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         t0 = time.perf_counter()
         run_steps(trainer, it0, steps)
         torch.cuda.synchronize()
@@ -145,7 +173,11 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
     events = prof.key_averages()
     for key in ("self_cpu_time_total", "self_device_time_total"):
         (out_dir / f"ops_by_{key}.txt").write_text(events.table(sort_by=key, row_limit=60))
-    prof.export_chrome_trace(str(out_dir / "trace.json.gz"))   # a .gz path is written gzipped
+    trace = out_dir / "trace.json.gz"
+    prof.export_chrome_trace(str(trace))   # a .gz path is written gzipped
+    own = {str(p.relative_to(REPO)) for p in REPO.rglob("*.py")}
+    with gzip.open(trace, "rt") as f:
+        waits = blocking_waits(json.load(f)["traceEvents"], steps, own)
 
     def count(names: tuple[str, ...]) -> int:
         return sum(e.count for e in events if e.key in names)
@@ -156,7 +188,8 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
                                                "cuLaunchKernelEx")) / steps,
             "syncs_per_step": count(("cudaStreamSynchronize", "cudaDeviceSynchronize",
                                      "cudaEventSynchronize")) / steps,
-            "memcpy_calls_per_step": count(("cudaMemcpyAsync", "cudaMemcpy")) / steps}
+            "memcpy_calls_per_step": count(("cudaMemcpyAsync", "cudaMemcpy")) / steps,
+            "host_waits_ms_per_step": waits}
 
 
 def main(argv: list[str] | None = None) -> int:
