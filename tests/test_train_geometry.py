@@ -190,6 +190,35 @@ def test_appearance_with_unreadable_base_mesh(tmp_path: Path, tiny_sd_path: Path
     assert "broken.obj" in line
 
 
+def test_ctrl_c_finishes_the_step_checkpoints_and_exports(tmp_path: Path, tiny_sd_path: Path) -> None:
+    """Issue 6: Ctrl-C once stops cleanly. The step's values are read one step late, so the run stops
+    one step after the interrupt; the checkpoint, the log and the export agree on that step."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(run_dir),
+                                  "iter": 5000, "coarse_iter": 2500, "save_interval": 5000, "video_frames": 0})
+    proc = subprocess.Popen([sys.executable, "train.py", "--config", str(cfg)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_path = run_dir / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while not (log_path.exists() and len(log_path.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert "interrupt: finishing this step" in err
+    log = read_log(run_dir)
+    its = [r["it"] for r in log]
+    assert its == list(range(1, len(its) + 1)) and 3 <= its[-1] < 5000     # stopped early, no gap
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["it"] == its[-1]                                             # the last logged step
+    assert (run_dir / "dmtet_mesh" / "mesh.obj").is_file() and "exported:" in out
+    assert not (run_dir / "video.mp4").exists()
+
+
 def test_missing_video_writer_fails_before_training(tmp_path: Path, tiny_sd_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture) -> None:
