@@ -6,7 +6,6 @@ exports its result; the loop in trainer.py does everything else.
 from __future__ import annotations
 
 import time
-
 from pathlib import Path
 from typing import Any
 

@@ -416,6 +416,8 @@ class StableDiffusionGuidance(nn.Module):
         self.opts = opts
         self.device = torch.device(device)
         # fp16 halves memory and uses tensor cores on GPU; CPUs have no fast fp16 path.
+        # Read this, never unet.dtype / vae.dtype: diffusers' ModelMixin.dtype walks every submodule
+        # looking for casting hooks (1-2 ms of host time per read on SD 2.1, the GPU idle meanwhile).
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         # Before importing diffusers (seconds): a missing model should fail fast.
         source, is_local = resolve_sd_model(opts.sd_model)
@@ -511,7 +513,7 @@ class StableDiffusionGuidance(nn.Module):
         size = self.opts.image_resolution
         if tuple(imgs.shape[-2:]) != (size, size):
             imgs = F.interpolate(imgs, (size, size), mode="bilinear", align_corners=False)
-        x = (imgs * 2.0 - 1.0).to(self.dtype)   # the VAE's dtype (diffusers' .dtype walks all modules)
+        x = (imgs * 2.0 - 1.0).to(self.dtype)                         # the VAE's dtype
         posterior = self.vae.encode(x).latent_dist
         return posterior.sample(generator=generator) * self.scaling_factor
 
@@ -526,8 +528,6 @@ class StableDiffusionGuidance(nn.Module):
         if text_emb.shape[0] != 2 * batch:
             raise ValueError(f"text_emb: expected {2 * batch} rows (negative + prompt for "
                              f"B={batch}), got {text_emb.shape[0]}")
-        # self.dtype, not self.unet.dtype: diffusers' ModelMixin.dtype walks every submodule looking
-        # for casting hooks (~0.8 ms of host time per read on the SD 2.1 UNet, GPU idle meanwhile).
         model_in = torch.cat([z_t, z_t]).to(self.dtype)               # [2B, 4, h, w]
         out = self.unet_runner(model_in, torch.cat([t, t]), text_emb.to(self.dtype)).float()
         out_uncond, out_text = out.chunk(2)

@@ -21,7 +21,7 @@ CUBE_FACE_AXES: tuple[tuple[int, float], ...] = ((0, 1.0), (0, -1.0), (1, 1.0), 
 
 
 # ----------------------------------------------------------------------------------------
-# Colour.
+# Device constants.
 
 @functools.lru_cache(maxsize=64)
 def device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -33,6 +33,9 @@ def device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch
     """
     return torch.tensor(values, dtype=dtype, device=device)
 
+
+# ----------------------------------------------------------------------------------------
+# Colour.
 
 def srgb_to_linear(srgb: Tensor) -> Tensor:
     """IEC 61966-2-1 decoding; input clamped to [0, 1] first (sRGB is only defined there)."""

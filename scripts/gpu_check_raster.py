@@ -112,10 +112,6 @@ def cameras(n: int, resolution: int, seed: int, device: str):
     return sample_train_cameras(n, (-180.0, 180.0), opts, torch.Generator().manual_seed(seed), device)
 
 
-def _clip(v: torch.Tensor, mvp: torch.Tensor) -> torch.Tensor:
-    return raster.clip_positions(v, mvp)
-
-
 # ----------------------------------------------------------------------------------------------
 # Parity
 
@@ -150,7 +146,7 @@ def run_parity(resolution: int = 512, device: str = "cuda", reference: str = "nv
         mesh = mesh.to(device)
         tri = mesh.t_pos_idx.int().contiguous()
         attr = torch.cat([mesh.v_pos, mesh.v_nrm], dim=1)[None].contiguous()     # [1, V, 6]
-        pos = _clip(mesh.v_pos, cams.mvp)
+        pos = raster.clip_positions(mesh.v_pos, cams.mvp)
         weights = torch.rand(4, resolution, resolution, 6, device=device,
                              generator=torch.Generator(device=device).manual_seed(seed))
         ref = _pipeline(ref_ctx, pos, tri, attr, resolution, weights)
@@ -208,7 +204,7 @@ def time_backend(backend: str, device: str, batch: int, faces: int, resolution: 
     tri = torch.tensor(s.faces, dtype=torch.int32, device=device)
     nrm = compute_vertex_normals(Mesh(v, tri.long())).v_nrm
     cams = cameras(batch, resolution, seed, device)
-    pos0 = _clip(v, cams.mvp)
+    pos0 = raster.clip_positions(v, cams.mvp)
 
     def step() -> None:
         pos = pos0.detach().requires_grad_(True)
