@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sd import (SDSResult, add_noise, sample_timesteps, sds_from_eps, sds_weight, time_range)
+from sd import SDSResult, SdsDraw, draw_sds, sds_from_eps
 
 # Renders the target for a camera batch and stage, in the same format as the model's input to
 # the guidance: [B, 4, h, w] coarse latents or [B, 3, H, W] images in [0, 1]; no gradient needed.
@@ -56,20 +56,32 @@ class TargetMeshGuidance:
     def _latents(self, x: torch.Tensor, stage: str) -> torch.Tensor:
         return x if stage == "geometry_coarse" else pooled_latents(x)
 
+    def latent_shape(self, batch: int, stage: str, resolution: tuple[int, int], latent_side: int
+                     ) -> tuple[int, int, int, int]:
+        """[B, 4, s, s] coarse normal + mask latents (s = latent_side), else [B, 3, H/8, W/8]."""
+        if stage == "geometry_coarse":
+            return (batch, 4, latent_side, latent_side)
+        return (batch, 3, resolution[0] // POOL, resolution[1] // POOL)
+
+    def draw(self, latent_shape: tuple[int, ...], stage: str, it: int,
+             generator: torch.Generator | None = None) -> SdsDraw:
+        o = self.opts
+        return draw_sds(self.alphas_cumprod, latent_shape, stage, it, o.coarse_iter, o.early_time_step_range,
+                        o.late_time_step_range, o.sds_weight_strategy, generator, self.alphas_cumprod.device)
+
     def sds(self, inputs: torch.Tensor, stage: str, it: int, cameras: object,
-            generator: torch.Generator | None = None) -> SDSResult:
+            generator: torch.Generator | None = None, draw: SdsDraw | None = None) -> SDSResult:
+        """Random draws from ``generator``: t, then noise (or both from ``draw``)."""
         latents = self._latents(inputs, stage)                               # [B, C, h, w]
         with torch.no_grad():
             target = self._latents(self.render_target(cameras, stage), stage)
         if target.shape != latents.shape:
             raise ValueError(f"target render: expected shape {tuple(latents.shape)}, got {tuple(target.shape)}")
-        o = self.opts
-        t = sample_timesteps(latents.shape[0], time_range(it, o.coarse_iter, o.early_time_step_range,
-                                                          o.late_time_step_range), generator, latents.device)
-        draw_device = generator.device if generator is not None else latents.device
-        noise = torch.randn(latents.shape, generator=generator, device=draw_device).to(latents.device)
-        z_t = add_noise(self.alphas_cumprod, latents.detach(), noise, t)
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        eps_hat = (z_t - a.sqrt() * target.float()) / (1.0 - a).sqrt()   # exact denoiser of z*
-        w = sds_weight(self.alphas_cumprod, t, stage, o.sds_weight_strategy, it, o.coarse_iter)
-        return sds_from_eps(latents, noise, t, eps_hat, w)
+        if draw is None:
+            draw = self.draw(tuple(latents.shape), stage, it, generator)
+        if tuple(draw.noise.shape) != tuple(latents.shape):
+            raise ValueError(f"draw: noise {tuple(draw.noise.shape)} does not match the latents "
+                             f"{tuple(latents.shape)}")
+        z_t = draw.add_noise(latents.detach())
+        eps_hat = (z_t - draw.sqrt_a * target.float()) / draw.sqrt_1ma     # exact denoiser of z*
+        return sds_from_eps(latents, draw.noise, draw.t, eps_hat, draw.w)

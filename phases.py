@@ -5,6 +5,7 @@ exports its result; the loop in trainer.py does everything else.
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,18 @@ class Guide:
             self.sd = StableDiffusionGuidance(opts, device)
             self.target = None
 
-    def __call__(self, x: torch.Tensor, stage: str, it: int, cams: CameraBatch, generator: torch.Generator):
+    def draw(self, stage: str, it: int, cams: CameraBatch, generator: torch.Generator):
+        """The step's render-independent random draw (sd.SdsDraw); make it before rendering."""
         if self.target is not None:
-            return self.target.sds(x, stage, it, cams, generator)
-        return self.sd.sds(x, stage, it, cams.view_index, generator)
+            shape = self.target.latent_shape(len(cams), stage, cams.resolution, latent_size(self.cfg))
+            return self.target.draw(shape, stage, it, generator)
+        return self.sd.draw(self.sd.latent_shape(len(cams)), stage, it, cams.view_index, generator)
+
+    def __call__(self, x: torch.Tensor, stage: str, it: int, cams: CameraBatch, generator: torch.Generator,
+                 draw=None):
+        if self.target is not None:
+            return self.target.sds(x, stage, it, cams, generator, draw)
+        return self.sd.sds(x, stage, it, cams.view_index, generator, draw)
 
 
 def image_resolution(cfg: Config) -> int:
@@ -78,7 +87,7 @@ def latent_size(cfg: Config) -> int:
 def camera_chunks(cams: CameraBatch, size: int):
     """Consecutive sub-batches of at most `size` cameras (bounded memory for long turntables)."""
     for i in range(0, len(cams), size):
-        yield CameraBatch(**{f: (v if f == "resolution" else v[i:i + size]) for f, v in vars(cams).items()})
+        yield CameraBatch(**{f: (v if f in ("resolution", "stream") else v[i:i + size]) for f, v in vars(cams).items()})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,10 +116,13 @@ class GeometryPhase:
     lr = 1e-3
 
     def __init__(self, cfg: Config, info: distributed.DistInfo, run_dir: Path) -> None:
-        from geometry.dmtet import DMTetGeometry
+        from geometry.dmtet import CapacityPlanner, DMTetGeometry
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
         self.ctx = raster.make_context(info.device, cfg.raster_backend)
         self.geo = DMTetGeometry(cfg.dmtet_grid, cfg.mesh_scale, backend=cfg.encoder_backend, device=info.device)
+        # Training extracts the surface into fixed-size buffers, so the host never waits for the
+        # surface's size; the sizes are read one step late (read_step) to resize the buffers.
+        self.capacity = CapacityPlanner()
         self.render = NormalStageRenderer(cfg, self.ctx)
         self.guide = Guide(cfg, info.device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
 
@@ -143,10 +155,26 @@ class GeometryPhase:
 
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         stage = self.stage(it)
-        verts, faces = self.geo.extract()
-        x = self.render(verts, faces, cams, stage)
-        sds = self.guide(x, stage, it, cams, generator)
-        return StepResult(loss=sds.loss, sds=sds, extra={"faces": float(faces.shape[0])})
+        draw = self.guide.draw(stage, it, cams, generator)     # queued before the render's host waits
+        surf = self.geo.extract_padded(self.capacity)
+        x = self.render(surf.verts, surf.faces, cams, stage)
+        sds = self.guide(x, stage, it, cams, generator, draw)
+        used = torch.tensor(self.capacity.capacity)            # host values: the buffers this step had
+        return StepResult(loss=sds.loss, sds=sds, device_values={"surface": surf.counts, "capacity": used})
+
+    def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
+        """The step's surface size for the log; resizes the surface buffers (see CapacityPlanner)."""
+        from geometry.dmtet import PaddedSurface, SurfaceCapacity
+        counts = [int(c) for c in values["surface"]]
+        self.geo.check_counts(counts)
+        used = SurfaceCapacity(*(int(c) for c in values["capacity"]))
+        self.capacity.update(counts)
+        if PaddedSurface.overflow(counts, used) and self.info.is_main:
+            print(f"\nwarning: iteration {it}: the surface outgrew its buffers (crossing tets / two-triangle tets / "
+                  f"vertices {counts[1]} / {counts[2]} / {counts[3]} > {used.tets} / {used.two} / {used.verts}); "
+                  "that step rendered it without some triangles. The buffers have been enlarged.",
+                  file=sys.stderr, flush=True)
+        return {"faces": float(counts[1] + counts[2])}
 
     def _normals(self, cams: CameraBatch) -> np.ndarray:
         verts, faces = self.geo.extract()
@@ -179,10 +207,15 @@ class GeometryPhase:
         return [write_obj(out_dir, mesh), write_glb(out_dir / "mesh.glb", mesh)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"geometry": self.geo.state_dict()}
+        # The surface buffers' sizes too: a resumed run pads (and so renders) exactly as the straight one.
+        cap = self.capacity.capacity
+        return {"geometry": self.geo.state_dict(), "surface_capacity": None if cap is None else list(cap)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from geometry.dmtet import SurfaceCapacity
         self.geo.load_state_dict(state["geometry"])
+        cap = state.get("surface_capacity")          # absent in checkpoints written before it existed
+        self.capacity.capacity = None if cap is None else SurfaceCapacity(*cap)
 
 
 def build_phase(cfg: Config, info: distributed.DistInfo, run_dir: Path):

@@ -14,7 +14,7 @@ from dataset.cameras import CameraBatch
 from phases import Guide, camera_chunks
 from render import raster
 from render.light import EnvironmentLight, default_environment
-from render.pbr_render import render_pbr, render_textured
+from render.pbr_render import rasterize_gbuffer_on, render_pbr, render_textured
 from trainer import StepResult, TrainingError, to_uint8
 
 # Published display layer names -> our shading modes.
@@ -66,9 +66,12 @@ class AppearancePhase:
 
     def _render(self, cams: CameraBatch, mode: str = "pbr", light: EnvironmentLight | None = None,
                 background: str | None = None) -> torch.Tensor:
+        # The mesh is fixed, so the G-buffer needs only the cameras: it is made on their stream
+        # (training, CUDA), where the rasterizer's host wait does not wait for the previous step.
+        gb = rasterize_gbuffer_on(cams.stream, self.ctx, self.mesh, cams.mvp, cams.resolution)
         image, _ = render_pbr(self.ctx, self.mesh, cams.mvp, cams.campos, cams.resolution, self.material,
                               light or self.light, mode=mode, use_bump=self.cfg.if_use_bump,
-                              background=self._background(cams.resolution, background))
+                              background=self._background(cams.resolution, background), gbuffer=gb)
         return image                                                                 # [B, H, W, 3]
 
     def _target_renderer(self):
@@ -97,9 +100,13 @@ class AppearancePhase:
         pass
 
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
+        draw = self.guide.draw("appearance", it, cams, generator)   # queued before the render's host waits
         x = self._render(cams).permute(0, 3, 1, 2).contiguous()                     # [B, 3, H, W] sRGB
-        sds = self.guide(x, "appearance", it, cams, generator)
+        sds = self.guide(x, "appearance", it, cams, generator, draw)
         return StepResult(loss=sds.loss, sds=sds)
+
+    def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
+        return {}   # no device values: the mesh is fixed
 
     # ------------------------------------------------------------------------------------ output
     def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ form z_t = sqrt(a_t) z + sqrt(1 - a_t) eps, predict eps_hat with classifier-free
 eps_hat = eps_uncond + s * (eps_text - eps_uncond), and inject grad = w(t) * (eps_hat - eps) as the
 gradient of z (the UNet is never differentiated).
 
-The pure functions (``sample_timesteps``, ``time_range``, ``sds_weight``, ``add_noise``,
+The pure functions (``sample_timesteps``, ``time_range``, ``sds_weight``, ``draw_sds``,
 ``sds_from_eps``, ``SpecifyGradient``) are shared with the target-mesh guidance, which replaces the
 UNet by an analytic denoiser and keeps everything else.
 
@@ -188,10 +188,33 @@ def sds_weight(alphas_cumprod: Tensor, t: Tensor, stage: str, strategy: int, it:
     return a.sqrt() * (1.0 - a) if strategy == 0 else 1.0 / (1.0 - a)
 
 
-def add_noise(alphas_cumprod: Tensor, latents: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """z_t = sqrt(a) z + sqrt(1 - a) eps, in float32 (latents/noise [B, C, h, w], t [B])."""
-    a = alphas_cumprod.to(latents.device, torch.float32)[t].view(-1, 1, 1, 1)
-    return a.sqrt() * latents.float() + (1.0 - a).sqrt() * noise.float()
+@dataclass
+class SdsDraw:
+    """The random part of one SDS evaluation, which does not depend on the rendered image: drawn
+    before the render, its kernels are queued while the device is still busy, off the host's
+    critical path between the rasterizer's wait and the UNet launch."""
+    t: Tensor                       # [B] int64 time steps
+    noise: Tensor                   # [B, C, h, w] float32 eps
+    w: Tensor                       # [B] float32 SDS weight w(t)
+    sqrt_a: Tensor                  # [B, 1, 1, 1] sqrt(alphas_cumprod[t])
+    sqrt_1ma: Tensor                # [B, 1, 1, 1] sqrt(1 - alphas_cumprod[t])
+    text_emb: Tensor | None = None  # [2B, L, D] prompt embeddings (Stable Diffusion only)
+
+    def add_noise(self, latents: Tensor) -> Tensor:
+        """z_t = sqrt(a) z + sqrt(1 - a) eps in float32 (latents [B, C, h, w])."""
+        return self.sqrt_a * latents.float() + self.sqrt_1ma * self.noise
+
+
+def draw_sds(alphas_cumprod: Tensor, latent_shape: Sequence[int], stage: str, it: int, coarse_iter: int,
+             early: Sequence[float], late: Sequence[float], strategy: int,
+             generator: torch.Generator | None, device: torch.device | str) -> SdsDraw:
+    """t [B] then noise (in that order from `generator`) and what follows from t alone."""
+    t = sample_timesteps(latent_shape[0], time_range(it, coarse_iter, early, late), generator, device,
+                         alphas_cumprod.shape[0])
+    noise = _randn(torch.Size(latent_shape), generator, torch.device(device))
+    a = alphas_cumprod.to(t.device, torch.float32)[t].view(-1, 1, 1, 1)
+    w = sds_weight(alphas_cumprod, t, stage, strategy, it, coarse_iter)
+    return SdsDraw(t=t, noise=noise, w=w, sqrt_a=a.sqrt(), sqrt_1ma=(1.0 - a).sqrt())
 
 
 class SpecifyGradient(torch.autograd.Function):
@@ -553,28 +576,41 @@ class StableDiffusionGuidance(nn.Module):
 
     # ----------------------------------------------------------------------- SDS
 
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """[B, 4, R/8, R/8]: the latents of every stage (R = image_resolution)."""
+        side = self.opts.image_resolution // 8
+        return (batch, 4, side, side)
+
+    def draw(self, latent_shape: Sequence[int], stage: str, it: int,
+             view_index: Tensor | Sequence[int] | None = None,
+             generator: torch.Generator | None = None) -> SdsDraw:
+        """The render-independent part of ``sds`` (t, noise, weights, prompt embeddings) for
+        latents of `latent_shape` [B, 4, h, w] (``latent_shape(B)`` for rendered inputs)."""
+        o = self.opts
+        d = draw_sds(self.alphas_cumprod, latent_shape, stage, it, o.coarse_iter, o.early_time_step_range,
+                     o.late_time_step_range, o.sds_weight_strategy, generator, self.alphas_cumprod.device)
+        d.text_emb = self.text_embeddings(view_index, latent_shape[0])
+        return d
+
     def sds(self, inputs: Tensor, stage: str, it: int,
             view_index: Tensor | Sequence[int] | None = None,
-            generator: torch.Generator | None = None) -> SDSResult:
+            generator: torch.Generator | None = None, draw: SdsDraw | None = None) -> SDSResult:
         """One SDS evaluation; see the module doc for the result and the non-finite policy.
 
         inputs: geometry_coarse: latents [B, 4, h, w]; geometry_fine: the normal image
         (n + 1) / 2 [B, 3, H, W] in [0, 1]; appearance: the sRGB image [B, 3, H, W] in [0, 1].
         Random draws from ``generator``, in this order: VAE posterior sample (VAE stages only),
-        t [B], noise [B, 4, h, w].
+        t [B], noise [B, 4, h, w]. With ``draw`` (from ``draw``, made before the render; the
+        training step does this), t and noise come from it and the posterior sample is drawn here.
         """
         latents = self.stage_latents(inputs, stage, generator)        # [B, 4, h, w]
-        batch = latents.shape[0]
-        opts = self.opts
-        t_range = time_range(it, opts.coarse_iter, opts.early_time_step_range,
-                             opts.late_time_step_range)
-        t = sample_timesteps(batch, t_range, generator, latents.device, self.num_train_timesteps)
-        noise = _randn(latents.shape, generator, latents.device)      # [B, 4, h, w] float32
-        z_t = add_noise(self.alphas_cumprod, latents.detach(), noise, t)
-        eps_hat = self.predict_eps(z_t, t, self.text_embeddings(view_index, batch))
-        w = sds_weight(self.alphas_cumprod, t, stage, opts.sds_weight_strategy, it,
-                       opts.coarse_iter)
-        return sds_from_eps(latents, noise, t, eps_hat, w)
+        if draw is None:
+            draw = self.draw(latents.shape, stage, it, view_index, generator)
+        if tuple(draw.noise.shape) != tuple(latents.shape):
+            raise ValueError(f"draw: noise {tuple(draw.noise.shape)} does not match the latents "
+                             f"{tuple(latents.shape)}")
+        eps_hat = self.predict_eps(draw.add_noise(latents.detach()), draw.t, draw.text_emb)
+        return sds_from_eps(latents, draw.noise, draw.t, eps_hat, draw.w)
 
 
 class CudaGraphUNet:

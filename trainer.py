@@ -41,6 +41,10 @@ class StepResult:
     loss: torch.Tensor              # 0-dim; backward() puts the SDS gradient into the parameters
     sds: Any                        # the sd.SDSResult: its device-side stats are read one step later
     extra: dict[str, float] = field(default_factory=dict)   # host values for the log
+    # Values the host must not wait for now (device tensors, or CPU tensors that go with them):
+    # read one step later and turned into log entries by phase.read_step. Taken from the last
+    # micro-step: they describe the step's parameters, which micro-steps share.
+    device_values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class HostCopy:
@@ -76,7 +80,8 @@ class QueuedStep:
     stage: str
     ms: float                       # host time of the step (on CUDA, log() swaps in the device time)
     extra: dict[str, float]         # the phase's host values, averaged over micro-steps
-    values: HostCopy                # [micro-steps, 2] SDS stats (non-finite, loss), then the step tail
+    values: HostCopy                # [micro-steps, 2] SDS stats (non-finite, loss), the step tail,
+    device_names: list[str]         # then the phase's device_values under these names
 
 
 class Phase(Protocol):
@@ -87,6 +92,7 @@ class Phase(Protocol):
     def stage(self, it: int) -> str: ...
     def prepare(self, resumed: bool) -> None: ...
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult: ...
+    def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]: ...
     def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]: ...
     def turntable_frames(self, cams: CameraBatch) -> np.ndarray: ...
     def export(self, out_dir: Path) -> list[Path]: ...
@@ -177,6 +183,9 @@ class Trainer:
         # Mixed precision on CUDA (fp16 diffusion model) needs a grad scaler; fp32 on CPU needs none.
         self.scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda")
         self.cam_opts = camera_options(cfg)
+        # CUDA: cameras are copied on a high-priority side stream, so a phase can start work that
+        # needs only the cameras (the appearance G-buffer) without queueing behind the last step.
+        self.input_stream = (torch.cuda.Stream(info.device, priority=-1) if info.device.type == "cuda" else None)
         self.start_it = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
@@ -239,7 +248,8 @@ class Trainer:
     def _micro_step(self, it: int, j: int) -> tuple[StepResult, list[float]]:
         vrank = self.info.rank + self.info.world_size * j      # the rank this micro-step stands in for
         sector = azimuth_sector(vrank, self.virtual_world)
-        cams = sample_train_cameras(self.cfg.batch, sector, self.cam_opts, self.cam_gen, self.info.device)
+        cams = sample_train_cameras(self.cfg.batch, sector, self.cam_opts, self.cam_gen, self.info.device,
+                                    stream=self.input_stream)
         # No autocast: geometry, rendering and the material run in fp32; the diffusion model holds
         # fp16 weights on CUDA and casts its inputs itself. The grad scaler protects that fp16 backward.
         result = self.phase.step(it, cams, self.noise_gen)
@@ -295,18 +305,22 @@ class Trainer:
             for k in [k for k in self._step_events if k < it - 1]:   # never logged (e.g. a benchmark)
                 del self._step_events[k]
         stats = torch.stack([r.sds.stats for r in results])            # [micro-steps, 2]
-        return QueuedStep(it, self.phase.stage(it), round(ms, 2), extra, HostCopy([stats, tail]))
+        dev = results[-1].device_values
+        return QueuedStep(it, self.phase.stage(it), round(ms, 2), extra, HostCopy([stats, tail, *dev.values()]),
+                          list(dev))
 
     def finish_step(self, step: QueuedStep) -> dict[str, Any]:
         """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
         "stop" (any rank interrupted). Raises TrainingError after too many skipped steps in a row."""
-        stats, tail = step.values.tolist()
+        stats, tail, *device_values = step.values.tolist()
         nonfinite, losses = int(sum(stats[0::2])), stats[1::2]
         (stop,), azimuths = distributed.split_tail(tail, 1, self.info.world_size)
+        # First: the phase's own diagnosis (e.g. an empty surface) explains a bad step best.
+        phase_entries = self.phase.read_step(step.it, dict(zip(step.device_names, device_values)))
         self._track_skips(step.it, nonfinite > 0, nonfinite)
         return {"it": step.it, "stage": step.stage, "loss": float(np.mean(losses)), "ms": step.ms,
                 "nonfinite": nonfinite, "skipped": nonfinite > 0, "azimuth_deg": azimuths, "stop": stop,
-                **step.extra}
+                **step.extra, **phase_entries}
 
     def _track_skips(self, it: int, skipped: bool, nonfinite: int) -> None:
         if not skipped:

@@ -65,6 +65,9 @@ class CameraBatch:
     normal_rotate: Tensor   # [B, 3, 3] rotation about y (identity when not sampled)
     resolution: tuple[int, int]
     azimuth_deg_host: tuple[float, ...] = ()   # the azimuths in degrees, on the host (for the log)
+    # The CUDA stream the tensors were copied on (sample_train_cameras' `stream`), or None. The
+    # current stream already waits for that copy; work queued on `stream` needs no other input.
+    stream: torch.cuda.Stream | None = None
 
     def to(self, device: torch.device | str) -> "CameraBatch":
         return CameraBatch(**{f.name: (getattr(self, f.name).to(device)
@@ -187,7 +190,8 @@ def _y_rotation3(angle: Tensor) -> Tensor:
 
 
 def _build(azimuth_deg: Tensor, elevation_deg: Tensor, fovy_deg: Tensor, jitter: Tensor,
-           normal_angle: Tensor | None, opts: CameraOptions, device: torch.device | str) -> CameraBatch:
+           normal_angle: Tensor | None, opts: CameraOptions, device: torch.device | str,
+           stream: torch.cuda.Stream | None = None) -> CameraBatch:
     """All inputs float64 on CPU, [B] (jitter [B, 2])."""
     az = torch.deg2rad(wrap_degrees(azimuth_deg))
     el = torch.deg2rad(elevation_deg)
@@ -203,21 +207,35 @@ def _build(azimuth_deg: Tensor, elevation_deg: Tensor, fovy_deg: Tensor, jitter:
     az32 = az.float()
     host = {"mv": mv, "mvp": mvp, "campos": campos, "azimuth": az32, "elevation": el, "fovy": fovy,
             "view_index": view_index(az32, opts.front_threshold), "normal_rotate": rot}
-    return CameraBatch(**_to_device(host, torch.device(device)), resolution=(int(h), int(w)),
-                       azimuth_deg_host=tuple(math.degrees(a) for a in az32.tolist()))
+    device = torch.device(device)
+    stream = stream if device.type == "cuda" else None
+    return CameraBatch(**_to_device(host, device, stream), resolution=(int(h), int(w)),
+                       azimuth_deg_host=tuple(math.degrees(a) for a in az32.tolist()), stream=stream)
 
 
-def _to_device(host: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+def _to_device(host: dict[str, Tensor], device: torch.device,
+               stream: torch.cuda.Stream | None = None) -> dict[str, Tensor]:
     """CPU tensors -> float32 (view_index int64) on ``device`` in one transfer.
 
     A copy from pageable host memory synchronizes the stream first, so eight separate ``.to(cuda)``
     calls stalled every training step eight times; one pinned, non-blocking copy does not stall.
+    With `stream`, the copy is queued there, not behind the current stream's work, and the current
+    stream waits for it.
     """
     flat = torch.cat([t.reshape(-1).float() for t in host.values()])   # view_index 0..3: exact in fp32
-    if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
+    if device.type != "cuda":
+        return _unpack(flat.to(device), host)
+    current = torch.cuda.current_stream(device)
+    with torch.cuda.stream(stream or current):
+        out = _unpack(flat.pin_memory().to(device, non_blocking=True), host)
+    if stream is not None:
+        current.wait_stream(stream)
+        for t in out.values():
+            t.record_stream(current)     # made on `stream`, used on the current one too
+    return out
+
+
+def _unpack(flat: Tensor, host: dict[str, Tensor]) -> dict[str, Tensor]:
     out, offset = {}, 0
     for name, t in host.items():
         part = flat[offset:offset + t.numel()].view(t.shape)
@@ -227,10 +245,12 @@ def _to_device(host: dict[str, Tensor], device: torch.device) -> dict[str, Tenso
 
 
 def sample_train_cameras(batch: int, sector: tuple[float, float], opts: CameraOptions,
-                         generator: torch.Generator, device: torch.device | str) -> CameraBatch:
+                         generator: torch.Generator, device: torch.device | str,
+                         stream: torch.cuda.Stream | None = None) -> CameraBatch:
     """Random training cameras: azimuth ~ U[sector) degrees, elevation ~ U(elevation_range),
     fovy ~ U(fovy_range), jitter ~ U(+-camera_random_jitter) in view x and y, and a uniform random
-    normal rotation about y in [-pi, pi)."""
+    normal rotation about y in [-pi, pi). `stream` (CUDA): copy them to the device on that stream
+    (see CameraBatch.stream)."""
     if batch < 1:
         raise CameraOptionsError(f"batch: expected >= 1, got {batch}")
     lo, hi = float(sector[0]), float(sector[1])
@@ -242,7 +262,7 @@ def sample_train_cameras(batch: int, sector: tuple[float, float], opts: CameraOp
     j = opts.camera_random_jitter
     jitter = torch.stack([_uniform(batch, -j, j, generator), _uniform(batch, -j, j, generator)], dim=1)
     normal_angle = _uniform(batch, -math.pi, math.pi, generator)
-    return _build(az, el, fovy, jitter, normal_angle, opts, device)
+    return _build(az, el, fovy, jitter, normal_angle, opts, device, stream)
 
 
 def _fixed_cameras(azimuth_deg: Tensor, elevation_deg: float, opts: CameraOptions,

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 
 from geometry.hashgrid import HashGridOptions
 from geometry.sdf_net import SDFNetwork
+from render.util import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -269,51 +270,132 @@ def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return tables
 
 
-def _marching_tets_topo(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor,
-                        topo: TetTopology) -> tuple[torch.Tensor, torch.Tensor]:
-    """marching_tets with precomputed edges: one host sync, no sort, same output."""
+class SurfaceCapacity(NamedTuple):
+    """Preallocated output sizes of marching_tets_padded."""
+    tets: int           # crossing tets (each gives its first triangle)
+    two: int            # crossing tets with two triangles (each gives a second one)
+    verts: int          # crossing grid edges (one output vertex each)
+
+
+class PaddedSurface(NamedTuple):
+    """A surface in fixed-size buffers (marching_tets_padded).
+
+    verts:  [capacity.verts + 1, 3]; rows past the crossing-edge count (at least the last one)
+            are finite and carry no gradient to the SDF.
+    faces:  [capacity.tets + capacity.two, 3] int64: the first triangles of the crossing tets in
+            tet order, padded, then the second triangles, padded. Pad faces are (q, q, q): zero
+            area, so both rasterizers cull them and antialiasing skips them. q = row index modulo
+            the vertex count spreads them over the vertices: gradient scatters into one index
+            serialize (100k pad faces on one vertex made the backward of a gather take 9 ms).
+    counts: [4] int64 on the device: non-finite SDF values, crossing tets, two-triangle tets,
+            crossing edges (the true sizes; a count above its capacity means faces were dropped).
+    """
+    verts: torch.Tensor
+    faces: torch.Tensor
+    counts: torch.Tensor
+
+    @staticmethod
+    def overflow(counts: Sequence[int], capacity: SurfaceCapacity) -> bool:
+        """True when host-read `counts` exceed `capacity` (that surface lost triangles)."""
+        _, n_act, n_two, n_cross = counts
+        return n_act > capacity.tets or n_two > capacity.two or n_cross > capacity.verts
+
+
+def marching_tets_padded(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor,
+                         topology: TetTopology, capacity: SurfaceCapacity) -> PaddedSurface:
+    """marching_tets without any device->host read: the output has fixed sizes (PaddedSurface).
+
+    The rendered image and the gradients equal those of ``marching_tets`` while no count exceeds
+    `capacity`; the caller reads ``counts`` later (e.g. one step late) to size the next call.
+    Beyond the capacity, the crossing tets last in tet order lose their triangles.
+    """
     _check_marching_shapes(verts_vx3, sdf_v, tets_tx4)
+    _check_topology(tets_tx4, topology)
+    if min(capacity) < 0:
+        raise ValueError(f"marching_tets_padded: 'capacity' must be non-negative; got {capacity}")
+    return _marching_tets_core(verts_vx3, sdf_v, tets_tx4, topology, capacity)
+
+
+def _check_topology(tets_tx4: torch.Tensor, topo: TetTopology) -> None:
     if topo.tet_edges.shape != (tets_tx4.shape[0], 6) or topo.edges.ndim != 2 or topo.edges.shape[1] != 2:
         raise ValueError(f"marching_tets: 'topology' does not match the tets: tet_edges "
                          f"{tuple(topo.tet_edges.shape)} for {tets_tx4.shape[0]} tets, edges "
                          f"{tuple(topo.edges.shape)}")
+
+
+def _marching_tets_topo(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor,
+                        topo: TetTopology) -> tuple[torch.Tensor, torch.Tensor]:
+    """marching_tets with precomputed edges: one host sync (the output sizes), no sort."""
+    _check_marching_shapes(verts_vx3, sdf_v, tets_tx4)
+    _check_topology(tets_tx4, topo)
+    surf = _marching_tets_core(verts_vx3, sdf_v, tets_tx4, topo, None)
+    return surf.verts[:-1], surf.faces          # exact sizes: no pad faces, drop the pad vertex
+
+
+def _marching_tets_core(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor,
+                        topo: TetTopology, capacity: SurfaceCapacity | None) -> PaddedSurface:
+    """Both topology paths: `capacity` None reads the counts (the one host sync) and uses them."""
     table, bits = _device_tables(verts_vx3.device)
     with torch.no_grad():
-        sdf_d = sdf_v.detach()
-        inside_u8 = (sdf_d < 0).to(torch.uint8)                                 # [V]
-        corner = inside_u8[tets_tx4]                                             # [T, 4] uint8
-        n_in = corner.sum(1, dtype=torch.uint8)                                  # [T] corners inside
-        active = (n_in > 0) & (n_in < 4)                                         # crosses the surface
-        crossing = inside_u8[topo.edges[:, 0]] != inside_u8[topo.edges[:, 1]]    # [E]
-        counts = torch.stack([(~torch.isfinite(sdf_d)).sum(), active.sum(), (n_in == 2).sum(),
-                              crossing.sum()])
-        n_bad, n_act, n_two, n_cross = counts.tolist()                         # the one host sync
-        if n_bad:
-            _raise_nonfinite(n_bad, sdf_v)
-        act = torch.nonzero_static(active, size=n_act).squeeze(1)                # [Ta] in tet order
+        corner, n_in, active, crossing, counts = _classify(sdf_v.detach(), tets_tx4, topo)
+        if capacity is None:
+            n_bad, n_act, n_two, n_cross = counts.tolist()                       # the one host sync
+            if n_bad:
+                _raise_nonfinite(n_bad, sdf_v.numel())
+            capacity = SurfaceCapacity(n_act, n_two, n_cross)
+        n_out = capacity.verts + 1                                               # output vertices
+        act = torch.nonzero_static(active, size=capacity.tets).squeeze(1)        # [Ta] in tet order
+        act_ok = torch.arange(capacity.tets, device=act.device) < counts[1]      # real rows (not fill)
         act_corner = corner[act]                                                 # [Ta, 4]
         code = (act_corner * bits).sum(1)                                        # [Ta] int64 in 1..14
         vid = torch.cumsum(crossing, 0) - 1                                      # [E] id at crossing edges
         edge_vid = vid[topo.tet_edges[act]]                                      # [Ta, 6]
-        tri = table[code]                                                        # [Ta, 2, 3]
-        faces0 = torch.gather(edge_vid, 1, tri[:, 0])                            # [Ta, 3]
-        two = torch.nonzero_static(n_in[act] == 2, size=n_two).squeeze(1)        # [Ta2]
-        faces1 = torch.gather(edge_vid[two], 1, tri[two, 1])                     # [Ta2, 3]
+        tri = table[code].clamp(min=0)                                           # [Ta, 2, 3]; fill rows: any
+        faces0 = _pad_faces(torch.gather(edge_vid, 1, tri[:, 0]), act_ok, n_out)   # [Ta, 3]
+        two_rows = act_ok & (n_in[act] == 2)
+        two = torch.nonzero_static(two_rows, size=capacity.two).squeeze(1)       # [Ta2]
+        two_ok = torch.arange(capacity.two, device=act.device) < two_rows.sum()
+        faces1 = _pad_faces(torch.gather(edge_vid[two], 1, tri[two, 1]), two_ok, n_out)  # [Ta2, 3]
         faces_fx3 = torch.cat([faces0, faces1], 0)
-        cross_ab = topo.edges[torch.nonzero_static(crossing, size=n_cross).squeeze(1)]  # [Nv, 2]
-        ia, ib = cross_ab[:, 0].contiguous(), cross_ab[:, 1].contiguous()
+        cross_ab = topo.edges[torch.nonzero_static(crossing, size=capacity.verts + 1).squeeze(1)]
+        ia, ib = cross_ab[:, 0].contiguous(), cross_ab[:, 1].contiguous()      # [Nv + 1]
+        v_ok = (torch.arange(n_out, device=act.device) < counts[3].clamp(max=n_out - 1))[:, None]
 
-    if verts_vx3.is_cuda:
-        # index_select: the same values as indexing, but its backward is an atomic index_add
-        # instead of the sort-based index_put of indexing (slower, and only needed for determinism).
-        s_a, s_b = sdf_v.index_select(0, ia)[:, None], sdf_v.index_select(0, ib)[:, None]
-        p_a, p_b = verts_vx3.index_select(0, ia), verts_vx3.index_select(0, ib)
-    else:  # indexing, as the reference path: bit-identical gradients on CPU
-        s_a, s_b = sdf_v[ia][:, None], sdf_v[ib][:, None]
-        p_a, p_b = verts_vx3[ia], verts_vx3[ib]
-    # s_a and s_b have opposite signs (one < 0, one >= 0), so the denominator is never zero.
+    s_a, s_b = gather_rows(sdf_v, ia)[:, None], gather_rows(sdf_v, ib)[:, None]
+    p_a, p_b = gather_rows(verts_vx3, ia), gather_rows(verts_vx3, ib)
+    # Fill rows (not a crossing edge, the pad vertex) get s_a = -1, s_b = 1: finite values and no
+    # SDF gradient. On crossing edges s_a and s_b have opposite signs (one < 0, one >= 0), so the
+    # denominator is never zero.
+    s_a = torch.where(v_ok, s_a, -1.0)
+    s_b = torch.where(v_ok, s_b, 1.0)
     out_verts = (p_a * (-s_b) + p_b * s_a) / (s_a - s_b)
-    return out_verts, faces_fx3
+    return PaddedSurface(out_verts, faces_fx3, counts)
+
+
+class _Classified(NamedTuple):
+    corner: torch.Tensor        # [T, 4] uint8: 1 where the tet corner is inside (sdf < 0)
+    n_in: torch.Tensor          # [T] uint8 corners inside
+    active: torch.Tensor        # [T] bool: the tet crosses the surface
+    crossing: torch.Tensor      # [E] bool: the edge crosses the surface
+    counts: torch.Tensor        # [4] int64: non-finite sdf, crossing tets, two-triangle tets, crossing edges
+
+
+def _classify(sdf_d: torch.Tensor, tets_tx4: torch.Tensor, topo: TetTopology) -> _Classified:
+    inside_u8 = (sdf_d < 0).to(torch.uint8)                                     # [V]
+    corner = inside_u8[tets_tx4]                                                 # [T, 4] uint8
+    n_in = corner.sum(1, dtype=torch.uint8)                                      # [T] corners inside
+    active = (n_in > 0) & (n_in < 4)                                             # crosses the surface
+    crossing = inside_u8[topo.edges[:, 0]] != inside_u8[topo.edges[:, 1]]        # [E]
+    counts = torch.stack([(~torch.isfinite(sdf_d)).sum(), active.sum(), (n_in == 2).sum(), crossing.sum()])
+    return _Classified(corner, n_in, active, crossing, counts)
+
+
+def _pad_faces(faces_fx3: torch.Tensor, row_ok: torch.Tensor, n_verts: int) -> torch.Tensor:
+    """Rows that are fill, or that name a vertex past the buffer (overflow: the last row is never a
+    crossing), become (q, q, q) with q = row mod n_verts (see PaddedSurface)."""
+    ok = row_ok & (faces_fx3 < n_verts - 1).all(1)
+    q = torch.arange(faces_fx3.shape[0], device=faces_fx3.device) % n_verts
+    return torch.where(ok[:, None], faces_fx3, q[:, None])
 
 
 def _check_marching_inputs(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
@@ -321,7 +403,7 @@ def _check_marching_inputs(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx
     _check_marching_shapes(verts_vx3, sdf_v, tets_tx4)
     n_bad = int((~torch.isfinite(sdf_v.detach())).sum())
     if n_bad:
-        _raise_nonfinite(n_bad, sdf_v)
+        _raise_nonfinite(n_bad, sdf_v.numel())
 
 
 def _check_marching_shapes(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: torch.Tensor
@@ -336,9 +418,40 @@ def _check_marching_shapes(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx
                          f"got {tuple(tets_tx4.shape)} {tets_tx4.dtype}")
 
 
-def _raise_nonfinite(n_bad: int, sdf_v: torch.Tensor) -> None:
-    raise ValueError(f"marching_tets: 'sdf' has {n_bad} non-finite values of {sdf_v.numel()}; "
+def _raise_nonfinite(n_bad: int, n_total: int) -> None:
+    raise ValueError(f"marching_tets: 'sdf' has {n_bad} non-finite values of {n_total}; "
                      "the SDF network diverged (check the learning rate and loss scaling)")
+
+
+class CapacityPlanner:
+    """Sizes marching_tets_padded's buffers from counts read one step late.
+
+    Before the first update there is nothing to size from (DMTetGeometry.extract_padded then reads
+    the counts once). The capacity is ``HEADROOM`` times the counts, rounded up, and is reset
+    whenever a count comes within ``GROW_AT`` of its capacity or all fall under ``SHRINK_BELOW``: the surface changes
+    little per step, so a step that outgrows its buffers is rare (its crossing tets last in tet
+    order lose their triangles for that step; PaddedSurface.overflow tells).
+    """
+
+    HEADROOM, GROW_AT, SHRINK_BELOW, ROUND = 1.5, 0.85, 0.35, 1024
+
+    def __init__(self) -> None:
+        self.capacity: SurfaceCapacity | None = None
+
+    def _sized(self, counts: Sequence[int]) -> SurfaceCapacity:
+        def up(n: int) -> int:
+            return max(self.ROUND, math.ceil(n * self.HEADROOM / self.ROUND) * self.ROUND)
+        _, n_act, n_two, n_cross = counts
+        return SurfaceCapacity(up(n_act), up(n_two), up(n_cross))
+
+    def update(self, counts: Sequence[int]) -> None:
+        """Resize from a step's host-read PaddedSurface counts (the next call uses the new sizes)."""
+        if self.capacity is None:
+            self.capacity = self._sized(counts)
+            return
+        sizes = list(zip(counts[1:], self.capacity))
+        if any(n > self.GROW_AT * c for n, c in sizes) or all(n < self.SHRINK_BELOW * c for n, c in sizes):
+            self.capacity = self._sized(counts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,6 +530,28 @@ class DMTetGeometry(nn.Module):
         if faces.shape[0] == 0:
             raise EmptyMeshError(_empty_mesh_message(sdf.detach(), self.grid_res, self.mesh_scale))
         return verts, faces, sdf
+
+    def extract_padded(self, planner: CapacityPlanner) -> PaddedSurface:
+        """The surface in fixed-size buffers sized by `planner`, without a host read (except the
+        planner's first call); feed ``counts`` (read later) to ``planner.observe``."""
+        sdf, deform = self.sdf_and_deform()
+        verts = self.deformed_verts(deform)
+        if planner.capacity is None:   # the one host read: nothing to size the buffers from yet
+            counts = _classify(sdf.detach(), self.tets, self.topology).counts.tolist()
+            self.check_counts(counts)
+            planner.update(counts)
+        return marching_tets_padded(verts, sdf, self.tets, self.topology, planner.capacity)
+
+    def check_counts(self, counts: Sequence[int]) -> None:
+        """Raise for host-read PaddedSurface counts of a broken surface: a non-finite SDF
+        (ValueError) or no triangles (EmptyMeshError), as extract() does."""
+        n_bad, n_act = counts[0], counts[1]
+        if n_bad:
+            _raise_nonfinite(n_bad, self.grid_verts.shape[0])
+        if n_act == 0:
+            with torch.no_grad():
+                sdf = self.sdf_and_deform()[0]
+            raise EmptyMeshError(_empty_mesh_message(sdf, self.grid_res, self.mesh_scale))
 
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces, _ = self.extract_with_sdf()

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from render import raster
 from render.mesh import _safe_normalize
-from render.util import device_constant
+from render.util import device_constant, gather_rows
 
 
 class NormalRenderError(ValueError):
@@ -49,16 +49,17 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
     b = _check_inputs(verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, normal_rotate_bx3x3)
     f = faces_fx3.long()
     tri = faces_fx3.to(torch.int32)
-    # Face normals once: they make the vertex normals and, detached, the two-sided test.
+    # Everything that does not need the rasterizer's output comes first: its kernels are queued
+    # while the device is busy, before the rasterizer makes the host wait for the device.
     face_n, v_nrm = _face_and_vertex_normals(verts_vx3, f)
-
+    if normal_rotate_bx3x3 is not None:
+        # Rotating the vertex normals equals rotating the interpolated, normalized pixel normals:
+        # interpolation is linear and a rotation keeps lengths.
+        attr = torch.einsum("vi,bij->bvj", v_nrm, normal_rotate_bx3x3).contiguous()   # [B, V, 3]
+    else:
+        attr = v_nrm[None].contiguous()                                             # [1, V, 3]
     pos_clip = raster.clip_positions(verts_vx3, mvp_bx4x4)                         # [B, V, 4]
-    rast, _ = raster.rasterize(ctx, pos_clip, tri, resolution, grad_db=False)
-    mask = (rast[..., 3:4] > 0).float()                                             # [B, H, W, 1]
-
-    gb_nrm, _ = raster.interpolate(v_nrm[None].contiguous(), rast, tri, backend=ctx)
-    gb_nrm = gb_nrm / torch.sqrt(torch.clamp((gb_nrm * gb_nrm).sum(-1, keepdim=True), min=1e-20))
-
+    topology = raster.antialias_topology(tri, verts_vx3.shape[0], backend=ctx)
     # Two-sided: the sign comes from the geometric normal, which is what "facing away" means.
     # A triangle is planar, so (campos - p) . n_f has one sign for every point p of the face:
     # it is evaluated per (camera, face) and looked up per pixel together with the mask
@@ -67,21 +68,22 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
         n_f = face_n.detach()
         v0 = verts_vx3.detach()[f[:, 0]]
         view_dot = torch.mm(campos_bx3, n_f.t()) - (v0 * n_f).sum(-1)               # [B, F]
-        sign_bf = torch.where(view_dot >= 0, 1.0, -1.0).to(gb_nrm.dtype)
+        sign_bf = torch.where(view_dot >= 0, 1.0, -1.0).to(verts_vx3.dtype)
         table = torch.cat([sign_bf.new_zeros(b, 1), sign_bf], dim=1)               # [B, F + 1]
+
+    rast, _ = raster.rasterize(ctx, pos_clip, tri, resolution, grad_db=False)
+    gb_nrm, _ = raster.interpolate(attr, rast, tri, backend=ctx)
+    gb_nrm = gb_nrm / torch.sqrt(torch.clamp((gb_nrm * gb_nrm).sum(-1, keepdim=True), min=1e-20))
+    with torch.no_grad():
         tid = rast[..., 3].long().reshape(b, -1)                                    # face id + 1, 0 = none
         scale = torch.gather(table, 1, tid).reshape(*rast.shape[:3], 1)             # +-1 covered, 0 outside
-
-    # Multiplying by +-1 / 0 is exact and commutes with the rotation and with the flip (which
-    # comes after the sign), so this equals (sign * n) @ R, flipped, times the mask.
-    if normal_rotate_bx3x3 is not None:
-        gb_nrm = torch.einsum("bhwi,bij->bhwj", gb_nrm, normal_rotate_bx3x3)
+    # Multiplying by +-1 / 0 is exact and commutes with the flip (which comes after the sign).
     gb_nrm = gb_nrm * scale
     if flip_normal:
         gb_nrm = torch.cat([-gb_nrm[..., :1].abs(), gb_nrm[..., 1:]], dim=-1)    # x > 0 -> -x
-
+    mask = (rast[..., 3:4] > 0).float()                                             # [B, H, W, 1]
     image = torch.cat([gb_nrm, mask], dim=-1)                                       # black background
-    return raster.antialias(image.contiguous(), rast, pos_clip, tri, backend=ctx)
+    return raster.antialias(image.contiguous(), rast, pos_clip, tri, backend=ctx, topology=topology)
 
 
 def _face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
@@ -90,7 +92,7 @@ def _face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
     The same operations as render.mesh.compute_vertex_normals (bit-identical vertex normals),
     returning the face normals as well so the caller does not compute them a second time.
     """
-    v0, v1, v2 = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]                                # [F, 3] each
+    v0, v1, v2 = (gather_rows(v, f[:, k]) for k in range(3))                        # [F, 3] each
     face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)
     acc = torch.zeros_like(v)
     for k in range(3):

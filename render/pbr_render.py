@@ -15,7 +15,7 @@ from torch import Tensor
 from render import raster
 from render.light import EnvironmentLight
 from render.mesh import Mesh
-from render.shading import ShadeOutput, shade_gbuffer
+from render.shading import ShadeOutput, covered_pixels, shade_gbuffer
 from render.util import device_constant, srgb_to_linear
 
 # points [N, 3] -> {"kd", "ks", "nrm"} each [N, 3] (a MaterialMLP, or a per-pixel stand-in)
@@ -36,6 +36,11 @@ class GBuffer:
     tangent: Tensor    # [B, H, W, 3] interpolated UV tangent
     uv: Tensor         # [B, H, W, 2] OBJ convention (origin bottom-left)
     mask: Tensor       # [B, H, W, 1] 1 where a triangle covers the pixel centre
+    covered: Tensor    # [N] int64 flat indices of the covered pixels (shading.covered_pixels)
+
+    def tensors(self) -> list[Tensor]:
+        return [self.rast, self.pos_clip, self.tri, self.pos, self.normal, self.tangent, self.uv, self.mask,
+                self.covered]
 
 
 def _require(mesh: Mesh) -> None:
@@ -58,9 +63,31 @@ def rasterize_gbuffer(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor,
         out, _ = raster.interpolate(attr[None].contiguous(), rast, idx.to(torch.int32).contiguous(), backend=ctx)
         return out
 
+    mask = (rast[..., 3:4] > 0).float()
     return GBuffer(rast=rast, pos_clip=pos_clip, tri=tri, pos=interp(v, mesh.t_pos_idx),
                    normal=interp(mesh.v_nrm, mesh.t_nrm_idx), tangent=interp(mesh.v_tng, mesh.t_tng_idx),
-                   uv=interp(mesh.v_tex, mesh.t_tex_idx), mask=(rast[..., 3:4] > 0).float())
+                   uv=interp(mesh.v_tex, mesh.t_tex_idx), mask=mask, covered=covered_pixels(mask))
+
+
+def rasterize_gbuffer_on(stream: torch.cuda.Stream | None, ctx: raster.RasterContext, mesh: Mesh,
+                         mvp_bx4x4: Tensor, resolution: tuple[int, int]) -> GBuffer:
+    """rasterize_gbuffer queued on `stream` (None: the current stream), without gradients.
+
+    The rasterizer and the covered-pixel count make the host wait for their stream; on a side
+    stream whose inputs (a fixed mesh, cameras copied there) do not depend on the current stream,
+    that wait is short and the current stream's queue keeps the device busy meanwhile. The current
+    stream then waits for the G-buffer on the device.
+    """
+    if stream is None:
+        with torch.no_grad():
+            return rasterize_gbuffer(ctx, mesh, mvp_bx4x4, resolution)
+    current = torch.cuda.current_stream(stream.device)
+    with torch.no_grad(), torch.cuda.stream(stream):
+        gb = rasterize_gbuffer(ctx, mesh, mvp_bx4x4, resolution)
+    current.wait_stream(stream)
+    for t in gb.tensors():
+        t.record_stream(current)     # made on `stream`, used on the current one
+    return gb
 
 
 def render_pbr(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor, campos_bx3: Tensor,
@@ -70,7 +97,7 @@ def render_pbr(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor, campos_
     """-> (antialiased image [B, H, W, 3] in [0, 1], the raw ShadeOutput)."""
     gb = gbuffer or rasterize_gbuffer(ctx, mesh, mvp_bx4x4, resolution)
     out = shade_gbuffer(gb.pos, gb.normal, gb.mask, campos_bx3, material, light, gb_tangent=gb.tangent,
-                        use_bump=use_bump, mode=mode, background=background, backend=ctx)
+                        use_bump=use_bump, mode=mode, background=background, backend=ctx, covered=gb.covered)
     image = raster.antialias(out.rgb.contiguous(), gb.rast, gb.pos_clip, gb.tri, backend=ctx)
     return image, out
 

@@ -282,9 +282,20 @@ def interpolate(attr: Tensor, rast: Tensor, tri: Tensor, rast_db: Tensor | None 
     return raster_torch.interpolate(attr, rast, tri, rast_db, diff_list or None)
 
 
+def antialias_topology(tri: Tensor, num_vertices: int, *, backend: str | RasterContext = "auto") -> Any:
+    """The mesh topology antialias() needs (edge -> neighbouring triangles), built once per mesh:
+    nvdiffrast's topology hash, or the torch backend's opposite-vertex table. Depends only on `tri`,
+    so it can be built before rasterizing."""
+    _check_tri(tri, tri.device)
+    if _op_backend(backend, tri.device) == "nvdiffrast":
+        return _call_nvdiffrast(_nv_module.antialias_construct_topology_hash, tri.contiguous())
+    return raster_torch.opposite_vertices(tri, num_vertices)
+
+
 def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, *,
-              backend: str | RasterContext = "auto") -> Tensor:
-    """Analytic antialiasing of silhouette edges; gives vertex positions a gradient at silhouettes."""
+              backend: str | RasterContext = "auto", topology: Any = None) -> Tensor:
+    """Analytic antialiasing of silhouette edges; gives vertex positions a gradient at silhouettes.
+    `topology`: antialias_topology(tri, ...) of the same backend, if already built."""
     _check_rast(rast)
     _check_tensor("color", color, torch.float32, rast.device)
     _check_tensor("pos", pos, torch.float32, rast.device)
@@ -297,8 +308,8 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, *,
                                f"got {tuple(pos.shape)}")
     if _op_backend(backend, rast.device) == "nvdiffrast":
         return _call_nvdiffrast(_nv_module.antialias, color.contiguous(), rast.contiguous(),
-                                pos.contiguous(), tri.contiguous())
-    return raster_torch.antialias(color, rast, pos, tri)
+                                pos.contiguous(), tri.contiguous(), topology_hash=topology)
+    return raster_torch.antialias(color, rast, pos, tri, opposite=topology)
 
 
 def texture(tex: Tensor, uv: Tensor, uv_da: Tensor | None = None, mip_level_bias: Tensor | None = None,

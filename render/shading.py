@@ -56,22 +56,29 @@ def _check(gb_pos: Tensor, gb_normal: Tensor, gb_tangent: Tensor | None, mask: T
         raise ShadingError(f"use_bump needs gb_tangent of shape {tuple(gb_pos.shape)} (mesh UV tangents), got {got}")
 
 
+def covered_pixels(mask_bxhxwx1: Tensor) -> Tensor:
+    """[N] int64 flat (row-major) indices of the pixels with mask > 0: the order of boolean-mask
+    indexing. One nonzero, i.e. one host sync."""
+    return (mask_bxhxwx1[..., 0] > 0).reshape(-1).nonzero().squeeze(1)
+
+
 def shade_gbuffer(gb_pos: Tensor, gb_normal: Tensor, mask: Tensor, view_pos: Tensor, material: MaterialMLP,
                   light: EnvironmentLight, gb_tangent: Tensor | None = None, use_bump: bool = False,
                   mode: str = "pbr", background: str | Tensor = "black",
-                  backend: TextureBackend = "auto") -> ShadeOutput:
+                  backend: TextureBackend = "auto", covered: Tensor | None = None) -> ShadeOutput:
     """Shade covered pixels (mask > 0) and composite over the background.
 
     gb_pos, gb_normal (smooth, world space), gb_tangent: [B, H, W, 3]; mask [B, H, W, 1] in
     [0, 1] (e.g. antialiased coverage); view_pos [B, 3] camera positions. Modes: "pbr"
     (diffuse + specular), "diffuse", "kd" (albedo, sRGB), "ks" (raw channels), "normal"
     ((n + 1) / 2). Only covered pixels are evaluated by the material network. ``backend``: the
-    light's texture lookups (pass the render's RasterContext)."""
+    light's texture lookups (pass the render's RasterContext). ``covered``: covered_pixels(mask),
+    if already known."""
     _check(gb_pos, gb_normal, gb_tangent, mask, view_pos, mode, use_bump)
     bsz = gb_pos.shape[0]
-    # The covered pixels as one flat index (row-major, the order of boolean-mask indexing): a
-    # single nonzero (host sync) for the whole call; every gather/scatter below reuses it.
-    idx = (mask[..., 0] > 0).reshape(-1).nonzero().squeeze(1)                # [N]
+    # The covered pixels as one flat index: a single nonzero (host sync) for the whole call, or
+    # none when given; every gather/scatter below reuses it.
+    idx = covered_pixels(mask) if covered is None else covered               # [N]
 
     def take(x: Tensor) -> Tensor:
         return x.reshape(-1, x.shape[-1]).index_select(0, idx)

@@ -137,23 +137,82 @@ MEMCPY_CALLS = ("cudaMemcpyAsync", "cudaMemcpy")
 WAIT_CALLS = SYNC_CALLS + MEMCPY_CALLS
 
 
+def innermost_own_frames(events: list[dict], own_files: set[str], spans: list[dict]) -> list[str | None]:
+    """For each host span (an event with "tid", "ts", "dur"), the innermost Python frame of this
+    repository around it on the same thread, or None. The trace must be recorded with
+    ``with_stack=True``: frames are named "path.py(line): function", path relative to the import
+    root, so ``own_files`` holds the repository's .py paths. Frames of one thread nest, so one sweep
+    per thread with a stack of open frames finds them all; spans of one thread do not overlap."""
+    frames: dict[object, list[dict]] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") == "python_function" and e["name"].split("(")[0] in own_files:
+            frames.setdefault(e.get("tid"), []).append(e)
+    for fs in frames.values():
+        fs.sort(key=lambda f: (f["ts"], -f["dur"]))
+    found: list[str | None] = [None] * len(spans)
+    order = sorted(range(len(spans)), key=lambda i: spans[i]["ts"])
+    state: dict[object, tuple[int, list[dict]]] = {}
+    for i in order:
+        span = spans[i]
+        fs = frames.get(span.get("tid"), [])
+        ptr, stack = state.get(span.get("tid"), (0, []))
+        while ptr < len(fs) and fs[ptr]["ts"] <= span["ts"]:
+            f = fs[ptr]
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] < f["ts"]:
+                stack.pop()
+            stack.append(f)
+            ptr += 1
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] < span["ts"] + span["dur"]:
+            stack.pop()
+        state[span.get("tid")] = (ptr, stack)
+        found[i] = stack[-1]["name"] if stack else None
+    return found
+
+
 def blocking_waits(events: list[dict], steps: int, own_files: set[str], min_us: float = 100.0) -> dict[str, float]:
     """Where the host waited for the device: ms per step of each blocking runtime call lasting at
-    least ``min_us``, by the innermost frame of this repository around it (a Chrome trace recorded
-    with ``with_stack=True``; frames are named "path.py(line): function", path relative to the
-    import root, so ``own_files`` holds the repository's .py paths). Calls outside any own frame
-    are listed under the runtime call's name."""
-    spans = [e for e in events if e.get("ph") == "X"]
-    frames = [e for e in spans if e.get("cat") == "python_function" and e["name"].split("(")[0] in own_files]
+    least ``min_us``, by the innermost frame of this repository around it (innermost_own_frames).
+    Calls outside any own frame are listed under the runtime call's name."""
+    calls = [e for e in events if e.get("ph") == "X" and e.get("cat") == "cuda_runtime"
+             and e["name"] in WAIT_CALLS and e["dur"] >= min_us]
     waited: dict[str, float] = {}
-    for call in spans:
-        if call.get("cat") != "cuda_runtime" or call["name"] not in WAIT_CALLS or call["dur"] < min_us:
-            continue
-        end = call["ts"] + call["dur"]
-        around = [f for f in frames if f["ts"] <= call["ts"] and f["ts"] + f["dur"] >= end]
-        where = min(around, key=lambda f: f["dur"])["name"] if around else call["name"]
+    for call, where in zip(calls, innermost_own_frames(events, own_files, calls)):
+        where = where or call["name"]
         waited[where] = waited.get(where, 0.0) + call["dur"] / 1000 / steps
-    return {k: round(v, 3) for k, v in sorted(waited.items(), key=lambda kv: -kv[1])}
+    return _rounded_by_size(waited)
+
+
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def device_idle(events: list[dict], steps: int, own_files: set[str], min_us: float = 5.0
+                ) -> tuple[float, dict[str, float]]:
+    """(ms per step the device sat idle, that idle by where the host was): every gap of at least
+    ``min_us`` between device activities (kernels, copies, memsets; overlaps merged) is charged to
+    the innermost own frame around the launch of the activity that ends it, i.e. the host code the
+    device was waiting for. Gaps before the first and after the last activity are not counted."""
+    acts = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in DEVICE_CATS), key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("ph") == "X" and e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    gaps: list[tuple[float, dict]] = []            # (idle us, the activity that ends the gap)
+    busy_until = acts[0]["ts"] + acts[0]["dur"] if acts else 0.0
+    for act in acts[1:]:
+        if act["ts"] - busy_until >= min_us:
+            gaps.append((act["ts"] - busy_until, act))
+        busy_until = max(busy_until, act["ts"] + act["dur"])
+    ended_by = [launches.get(act.get("args", {}).get("correlation")) for _, act in gaps]
+    known = [launch for launch in ended_by if launch is not None]
+    frames = iter(innermost_own_frames(events, own_files, known))
+    idle: dict[str, float] = {}
+    for (gap, act), launch in zip(gaps, ended_by):
+        where = (next(frames) or launch["name"]) if launch is not None else act["name"]
+        idle[where] = idle.get(where, 0.0) + gap / 1000 / steps
+    return round(sum(idle.values()), 3), _rounded_by_size(idle)
+
+
+def _rounded_by_size(ms: dict[str, float], keep: int = 25) -> dict[str, float]:
+    top = sorted(ms.items(), key=lambda kv: -kv[1])[:keep]
+    return {k: round(v, 3) for k, v in top}
 
 
 def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, float]:
@@ -180,7 +239,9 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
     prof.export_chrome_trace(str(trace))   # a .gz path is written gzipped
     own = {str(p.relative_to(REPO)) for p in REPO.rglob("*.py")}
     with gzip.open(trace, "rt") as f:
-        waits = blocking_waits(json.load(f)["traceEvents"], steps, own)
+        trace_events = json.load(f)["traceEvents"]
+    waits = blocking_waits(trace_events, steps, own)
+    idle_ms, idle_where = device_idle(trace_events, steps, own)
 
     def count(names: tuple[str, ...]) -> int:
         return sum(e.count for e in events if e.key in names)
@@ -191,7 +252,8 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
                                                "cuLaunchKernelEx")) / steps,
             "syncs_per_step": count(SYNC_CALLS) / steps,
             "memcpy_calls_per_step": count(MEMCPY_CALLS) / steps,
-            "host_waits_ms_per_step": waits}
+            "host_waits_ms_per_step": waits,
+            "device_idle_ms_per_step": idle_ms, "device_idle_by_host_frame_ms_per_step": idle_where}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,3 +26,35 @@ def test_blocking_waits_names_the_innermost_own_frame() -> None:
                      "trainer.py(250): train_step": 0.3,
                      "cudaEventSynchronize": 0.2}
     assert list(waits) == sorted(waits, key=waits.get, reverse=True)             # longest first
+
+
+def _dev(name: str, ts: float, dur: float, corr: int) -> dict:
+    return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+
+def _launch(ts: float, corr: int, tid: int = 1) -> dict:
+    return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 5, "tid": tid,
+            "args": {"correlation": corr}}
+
+
+def test_device_idle_charges_each_gap_to_the_host_code_that_launched_the_next_kernel() -> None:
+    from scripts.bench import device_idle
+    own = {"phases.py", "render/raster.py"}
+    frame = lambda name, ts, dur, tid=1: {**_span("python_function", name, ts, dur), "tid": tid}  # noqa: E731
+    events = [
+        frame("phases.py(10): step", 0, 10_000),
+        frame("render/raster.py(5): rasterize", 100, 400),
+        frame("render/raster.py(9): antialias", 2_000, 500),
+        frame("phases.py(99): backward_hook", 100, 9_000, tid=2),     # another thread: never around tid 1
+        _launch(150, 1), _dev("k1", 200, 100, 1),                       # first activity: no gap before it
+        _dev("k1b", 250, 300, 7),                                       # overlaps k1: busy until 550
+        _launch(2_100, 2), _dev("k2", 2_150, 100, 2),                   # idle 1600 us, launched in antialias
+        _launch(2_300, 3), _dev("k3", 2_252, 10, 3),                    # 2 us gap: under min_us
+        _launch(3_000, 4, tid=2), _dev("k4", 3_062, 38, 4),             # idle 800 us, launched on tid 2
+        _dev("memcpy", 4_100, 100, 99),                                 # idle 1000 us, no launch on record
+    ]
+    for e in events[-2:]:
+        e["cat"] = "gpu_memcpy" if e["name"] == "memcpy" else e["cat"]
+    total, where = device_idle(events, steps=2, own_files=own)
+    assert where == {"render/raster.py(9): antialias": 0.8, "memcpy": 0.5, "phases.py(99): backward_hook": 0.4}
+    assert total == 1.7

@@ -265,3 +265,110 @@ def test_dmtet_geometry_uses_topology_and_keeps_state_dict() -> None:
     verts, faces = geo.extract()
     ref_v, ref_f = marching_tets(geo.grid_verts, sdf_target, geo.tets)
     assert torch.equal(verts, ref_v) and torch.equal(faces, ref_f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sync-free marching tets (fixed-size buffers)
+
+def _noisy_sphere(res: int, seed: int = 0):
+    verts, tets = tet_grid(res)
+    v, t = torch.from_numpy(verts), torch.from_numpy(tets)
+    gen = torch.Generator().manual_seed(seed)
+    sdf = v.norm(dim=1) - 0.3 + 0.05 * torch.randn(v.shape[0], generator=gen)
+    return v, sdf, t, tet_topology(t)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (nvdiffrast)")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_marching_tets_renders_and_differentiates_like_the_exact_one(device: str) -> None:
+    """Pad faces are culled and skipped by antialiasing (torch rasterizer on CPU, nvdiffrast on
+    CUDA), so the normal image and the gradients reaching the SDF and the vertices are those of the
+    exact-size surface."""
+    from dataset.cameras import CameraOptions, validation_cameras
+    from geometry.dmtet import SurfaceCapacity, marching_tets_padded
+    from render import raster
+    from render.normal_render import render_normal_mask
+    v0, sdf0, t, _ = _noisy_sphere(16)
+    v0, sdf0, t = v0.to(device), sdf0.to(device), t.to(device)
+    topo = tet_topology(t)
+    cams = validation_cameras(CameraOptions(resolution=(64, 64), fovy_range=(45.0, 45.0)), device, n=3)
+    ctx = raster.make_context(device, "torch" if device == "cpu" else "nvdiffrast")
+    w = torch.rand(3, 64, 64, 4, generator=torch.Generator().manual_seed(1)).to(device)
+    exact_v, exact_f = marching_tets(v0, sdf0, t, topo)
+    cap = SurfaceCapacity(*(int(n * 1.5) + 7 for n in (exact_f.shape[0], exact_f.shape[0], exact_v.shape[0])))
+    images, grads = [], []
+    for padded in (False, True):
+        v, sdf = v0.clone().requires_grad_(), sdf0.clone().requires_grad_()
+        if padded:
+            surf = marching_tets_padded(v, sdf, t, topo, cap)
+            out_v, faces = surf.verts, surf.faces
+            n_two = exact_f.shape[0] - int(surf.counts[1])
+            assert surf.counts.tolist() == [0, exact_f.shape[0] - n_two, n_two, exact_v.shape[0]]
+            assert out_v.shape == (cap.verts + 1, 3) and faces.shape == (cap.tets + cap.two, 3)
+            assert torch.isfinite(out_v).all()
+        else:
+            out_v, faces = marching_tets(v, sdf, t, topo)
+        img = render_normal_mask(ctx, out_v, faces, cams.mvp, cams.campos, cams.resolution)
+        (img * w).sum().backward()
+        images.append(img.detach())
+        grads.append((v.grad, sdf.grad))
+    assert images[0][..., 3].sum() > 100                        # the sphere covers many pixels
+    # Same triangles in the same relative order: equal up to float summation order in the
+    # vertex normals (index_add over a longer face list).
+    torch.testing.assert_close(images[1], images[0], rtol=0, atol=1e-5)
+    for exact, padded in zip(grads[0], grads[1]):
+        torch.testing.assert_close(padded, exact, rtol=1e-4, atol=1e-5)
+
+
+def test_padded_marching_tets_overflow_drops_triangles_safely() -> None:
+    from geometry.dmtet import PaddedSurface, SurfaceCapacity, marching_tets_padded
+    v, sdf, t, topo = _noisy_sphere(16, seed=3)
+    exact_v, exact_f = marching_tets(v, sdf, t, topo)
+    surf = marching_tets_padded(v, sdf, t, topo, SurfaceCapacity(100, 10, 150))
+    counts = surf.counts.tolist()
+    assert PaddedSurface.overflow(counts, SurfaceCapacity(100, 10, 150))
+    assert not PaddedSurface.overflow(counts, SurfaceCapacity(*counts[1:]))
+    f = surf.faces
+    degenerate = (f[:, 0] == f[:, 1]) & (f[:, 1] == f[:, 2])                     # the pad faces
+    real = f[~degenerate]
+    assert 0 < real.shape[0] <= 110 and torch.isfinite(surf.verts).all()
+    assert int(f.max()) < surf.verts.shape[0]
+    # Partial faces never appear: a triangle has three distinct vertices or is a pad face.
+    assert ((real[:, 0] != real[:, 1]) & (real[:, 1] != real[:, 2]) & (real[:, 0] != real[:, 2])).all()
+    # With room to spare, pad faces are spread over the vertices (no index collects many of them).
+    roomy = marching_tets_padded(v, sdf, t, topo, SurfaceCapacity(*(3 * n for n in counts[1:])))
+    g = roomy.faces
+    pads = g[(g[:, 0] == g[:, 1]) & (g[:, 1] == g[:, 2])]
+    assert pads.shape[0] >= 2 * counts[1]
+    assert int(torch.bincount(pads[:, 0]).max()) <= 2     # one per vertex from each face block
+    # Every kept triangle is a triangle of the exact surface (vertex ids are global crossing ids).
+    exact = {tuple(f) for f in exact_f.tolist()}
+    assert all(tuple(f) in exact for f in real.tolist())
+    torch.testing.assert_close(surf.verts[:150], exact_v[:150])
+
+
+def test_capacity_planner_grows_early_and_shrinks_late() -> None:
+    from geometry.dmtet import CapacityPlanner, SurfaceCapacity
+    planner = CapacityPlanner()
+    planner.update([0, 10_000, 2_000, 6_000])
+    assert planner.capacity == SurfaceCapacity(15_360, 3_072, 9_216)       # x1.5, rounded up to 1024
+    planner.update([0, 12_000, 2_500, 7_000])                                # within 85%: kept
+    assert planner.capacity == SurfaceCapacity(15_360, 3_072, 9_216)
+    planner.update([0, 14_000, 2_500, 7_000])                                # tets past 85%: resized
+    assert planner.capacity == SurfaceCapacity(21_504, 4_096, 11_264)
+    planner.update([0, 8_000, 1_000, 3_500])                                 # not all under 35%: kept
+    assert planner.capacity == SurfaceCapacity(21_504, 4_096, 11_264)
+    planner.update([0, 7_000, 1_000, 3_000])                                 # all under 35%: shrunk
+    assert planner.capacity == SurfaceCapacity(11_264, 2_048, 5_120)
+
+
+def test_geometry_check_counts_names_the_problem() -> None:
+    geo = DMTetGeometry(8, 2.0, SMALL_GRID, backend="torch")
+    with pytest.raises(ValueError, match="3 non-finite values of 125"):
+        geo.check_counts([3, 10, 2, 8])
+    geo.check_counts([0, 10, 2, 8])                                          # a normal surface: no error
+    with pytest.raises(EmptyMeshError, match="no triangles"):
+        geo.check_counts([0, 0, 0, 0])

@@ -157,7 +157,12 @@ def test_matches_reference_implementation(rotate: bool, flip: bool) -> None:
         (img * w).sum().backward()
         outs.append(img.detach())
         grads.append(v.grad)
-    assert torch.equal(outs[0], outs[1])
+    if rotate:
+        # The renderer rotates the vertex normals before interpolating (the reference rotates the
+        # pixel normals after): equal in exact arithmetic, a few float32 ulp apart here.
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(outs[0], outs[1])
     # The CPU raster backend's backward accumulates in a thread-dependent order (the reference
     # against itself differs by a few ulp), so gradients are compared to rounding.
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)

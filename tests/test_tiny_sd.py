@@ -134,7 +134,7 @@ def test_zero_output_model_gives_pure_noise_sds_gradient(tmp_path: Path) -> None
     """--zero-output: eps_hat = 0 for every input, so the SDS gradient is exactly w(t) * (-noise)
     (zero mean); everything else about the model is the same build."""
     from scripts.make_tiny_sd import build_tiny_sd
-    from sd import GuidanceOptions, StableDiffusionGuidance, add_noise, sds_weight
+    from sd import GuidanceOptions, StableDiffusionGuidance, sds_weight
 
     path = build_tiny_sd(tmp_path / "zero", zero_output=True)
     sd = StableDiffusionGuidance(GuidanceOptions(sd_model=str(path), text="a cup", guidance_weight=50.0,
@@ -148,7 +148,8 @@ def test_zero_output_model_gives_pure_noise_sds_gradient(tmp_path: Path) -> None
     t = torch.randint(int(1000 * 0.02), int(1000 * 0.5) + 1, (2,), generator=replay)
     torch.testing.assert_close(result.t, t)
     noise = torch.randn(latents.shape, generator=replay)
-    z_t = add_noise(sd.alphas_cumprod, latents.detach(), noise, t)
+    a = sd.alphas_cumprod[t].view(-1, 1, 1, 1)
+    z_t = a.sqrt() * latents.detach() + (1.0 - a).sqrt() * noise
     emb = sd.text_embeddings(None, 2)
     assert sd.predict_eps(z_t, t, emb).abs().max() == 0
     w = sds_weight(sd.alphas_cumprod, t, "geometry_coarse", 0, 1, 1000).view(-1, 1, 1, 1)

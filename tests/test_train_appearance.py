@@ -215,3 +215,35 @@ def test_appearance_resume_is_exact(tmp_path: Path, textured_egg: Path, tiny_sd_
 
     for ra, rb in zip(log_a, log_b):
         assert (ra["loss"], ra["azimuth_deg"]) == (rb["loss"], rb["azimuth_deg"]), ra["it"]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the training G-buffer is made on the cameras' side stream
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (side stream, nvdiffrast)")
+def test_gbuffer_on_the_camera_stream_equals_the_current_stream_one() -> None:
+    """Cameras copied on a side stream and the G-buffer made there, while the current stream is
+    still busy, give the same G-buffer as the current stream; the current stream sees it only
+    after it is complete (it waits on the device) and owns it afterwards (record_stream)."""
+    from dataset.cameras import CameraOptions, sample_train_cameras
+    from geometry.fixed_mesh import FixedMeshGeometry
+    from render import raster
+    from render.pbr_render import rasterize_gbuffer_on
+    from config import resolve_path
+    mesh = FixedMeshGeometry(resolve_path("data/meshes/bunny_like.obj"), device="cuda").mesh()
+    ctx = raster.make_context("cuda", "nvdiffrast")
+    side = torch.cuda.Stream(priority=-1)
+    opts = CameraOptions(resolution=(256, 256))
+    busy = torch.randn(2048, 2048, device="cuda")
+    for _ in range(30):                        # ~ms of queued work on the current stream
+        busy = torch.tanh(busy @ busy)
+    cams = sample_train_cameras(4, (-180.0, 180.0), opts, torch.Generator().manual_seed(0), "cuda", stream=side)
+    assert cams.stream is side
+    got = rasterize_gbuffer_on(cams.stream, ctx, mesh, cams.mvp, cams.resolution)
+    checksum = sum(float(t.float().sum()) for t in got.tensors())   # read on the current stream
+    want = rasterize_gbuffer_on(None, ctx, mesh, cams.mvp, cams.resolution)
+    for a, b in zip(got.tensors(), want.tensors()):
+        assert torch.equal(a, b)
+    assert checksum == sum(float(t.float().sum()) for t in want.tensors())
+    assert got.covered.numel() > 1000

@@ -37,7 +37,13 @@ class OneParameterPhase:
             eps_hat[0, 0, 0, 0] = float("nan")
         sds = sds_from_eps(self.p, noise, torch.tensor([500], device=self.p.device), eps_hat,
                            torch.tensor([1.0], device=self.p.device))
-        return StepResult(loss=sds.loss, sds=sds, extra={"faces": 2.0})
+        # A device value read one step late (as the geometry phase's surface size) and a host one.
+        return StepResult(loss=sds.loss, sds=sds, extra={"faces": 2.0},
+                          device_values={"p_sum": self.p.detach().sum(), "host": torch.tensor([it, 7])})
+
+    def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
+        assert values["host"] == [it, 7]
+        return {"p_sum": values["p_sum"][0]}
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -69,6 +75,7 @@ def test_record_is_read_after_the_step_is_queued(tmp_path: Path, device: str) ->
     record = trainer.finish_step(step)
     assert record["it"] == 1 and record["nonfinite"] == 0 and not record["skipped"] and not record["stop"]
     assert record["faces"] == 2.0
+    assert record["p_sum"] == pytest.approx(float(before.sum()))   # the value the step saw, not the update
     # Two emulated ranks on one process split the circle: [-45, 135) and [135, 315) (DESIGN.md 6).
     (az_first, az_second), = record["azimuth_deg"]
     assert -45 <= az_first < 135 and (az_second >= 135 or az_second < -45)
