@@ -315,6 +315,8 @@ def opposite_vertices(tri: Tensor, num_vertices: int) -> Tensor:
     flat_val = t.reshape(-1)
     flat_ok = valid[:, None].expand(f, 3).reshape(-1)
     ins = torch.nonzero(flat_ok).squeeze(1)
+    if ins.numel() == 0:     # only degenerate triangles (e.g. an all-padding surface): no edges
+        return torch.full((f, 3), -1, dtype=torch.long, device=dev)
     order = ins[torch.argsort(flat_key[ins], stable=True)]
     k_sorted, v_sorted = flat_key[order], flat_val[order]
     uniq, group = torch.unique_consecutive(k_sorted, return_inverse=True)

