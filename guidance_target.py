@@ -79,9 +79,6 @@ class TargetMeshGuidance:
             raise ValueError(f"target render: expected shape {tuple(latents.shape)}, got {tuple(target.shape)}")
         if draw is None:
             draw = self.draw(tuple(latents.shape), stage, it, generator)
-        if tuple(draw.noise.shape) != tuple(latents.shape):
-            raise ValueError(f"draw: noise {tuple(draw.noise.shape)} does not match the latents "
-                             f"{tuple(latents.shape)}")
         z_t = draw.add_noise(latents.detach())
         eps_hat = (z_t - draw.sqrt_a * target.float()) / draw.sqrt_1ma     # exact denoiser of z*
         return sds_from_eps(latents, draw.noise, draw.t, eps_hat, draw.w)

@@ -201,7 +201,10 @@ class SdsDraw:
     text_emb: Tensor | None = None  # [2B, L, D] prompt embeddings (Stable Diffusion only)
 
     def add_noise(self, latents: Tensor) -> Tensor:
-        """z_t = sqrt(a) z + sqrt(1 - a) eps in float32 (latents [B, C, h, w])."""
+        """z_t = sqrt(a) z + sqrt(1 - a) eps in float32 (latents [B, C, h, w] of the noise's shape)."""
+        if tuple(self.noise.shape) != tuple(latents.shape):
+            raise ValueError(f"draw: noise {tuple(self.noise.shape)} does not match the latents "
+                             f"{tuple(latents.shape)}")
         return self.sqrt_a * latents.float() + self.sqrt_1ma * self.noise
 
 
@@ -606,9 +609,6 @@ class StableDiffusionGuidance(nn.Module):
         latents = self.stage_latents(inputs, stage, generator)        # [B, 4, h, w]
         if draw is None:
             draw = self.draw(latents.shape, stage, it, view_index, generator)
-        if tuple(draw.noise.shape) != tuple(latents.shape):
-            raise ValueError(f"draw: noise {tuple(draw.noise.shape)} does not match the latents "
-                             f"{tuple(latents.shape)}")
         eps_hat = self.predict_eps(draw.add_noise(latents.detach()), draw.t, draw.text_emb)
         return sds_from_eps(latents, draw.noise, draw.t, eps_hat, draw.w)
 

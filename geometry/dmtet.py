@@ -363,7 +363,7 @@ def _marching_tets_core(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: 
 
     s_a, s_b = gather_rows(sdf_v, ia)[:, None], gather_rows(sdf_v, ib)[:, None]
     p_a, p_b = gather_rows(verts_vx3, ia), gather_rows(verts_vx3, ib)
-    # Fill rows (not a crossing edge, the pad vertex) get s_a = -1, s_b = 1: finite values and no
+    # Fill rows (not a crossing edge; always the last row) get s_a = -1, s_b = 1: finite values and no
     # SDF gradient. On crossing edges s_a and s_b have opposite signs (one < 0, one >= 0), so the
     # denominator is never zero.
     s_a = torch.where(v_ok, s_a, -1.0)
@@ -428,9 +428,9 @@ class CapacityPlanner:
 
     Before the first update there is nothing to size from (DMTetGeometry.extract_padded then reads
     the counts once). The capacity is ``HEADROOM`` times the counts, rounded up, and is reset
-    whenever a count comes within ``GROW_AT`` of its capacity or all fall under ``SHRINK_BELOW``: the surface changes
-    little per step, so a step that outgrows its buffers is rare (its crossing tets last in tet
-    order lose their triangles for that step; PaddedSurface.overflow tells).
+    whenever a count comes within ``GROW_AT`` of its capacity or all fall under ``SHRINK_BELOW``:
+    the surface changes little per step, so a step that outgrows its buffers is rare (its crossing
+    tets last in tet order lose their triangles for that step; PaddedSurface.overflow tells).
     """
 
     HEADROOM, GROW_AT, SHRINK_BELOW, ROUND = 1.5, 0.85, 0.35, 1024
@@ -533,7 +533,7 @@ class DMTetGeometry(nn.Module):
 
     def extract_padded(self, planner: CapacityPlanner) -> PaddedSurface:
         """The surface in fixed-size buffers sized by `planner`, without a host read (except the
-        planner's first call); feed ``counts`` (read later) to ``planner.observe``."""
+        planner's first call); feed ``counts`` (read later) to ``planner.update``."""
         sdf, deform = self.sdf_and_deform()
         verts = self.deformed_verts(deform)
         if planner.capacity is None:   # the one host read: nothing to size the buffers from yet

@@ -11,8 +11,10 @@ forward on 64x64 latents; fine/appearance: VAE encode forward+backward at 512^2 
 ratio; with the UNet replayed from a CUDA graph, also the floor of the plain (eager) diffusers call;
 a breakdown of one step (geometry network, marching tets, rasterization + shading, guidance,
 backward, optimizer); and peak GPU memory. key=value overrides as in train.py. ``--profile DIR``
-adds per-step device-busy time, kernel launches, syncs and where the host waited for the device
-(``host_waits_ms_per_step``: by this repository's innermost function around each blocking call).
+adds per-step device-busy time, kernel launches, syncs, where the host waited for the device
+(``host_waits_ms_per_step``: by this repository's innermost function around each blocking call) and
+what the idle device waited for (``device_idle_by_host_frame_ms_per_step``: each gap charged to the
+host code that launched the work ending it).
 """
 from __future__ import annotations
 

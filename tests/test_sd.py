@@ -550,3 +550,22 @@ def test_cuda_graph_unet_matches_eager(tiny_sd_path: Path) -> None:
         # The graph replays the eager call's kernels on copies of the same inputs: equal values.
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
     assert len(sd.unet_runner.graphs) == 1
+
+
+def test_a_draw_made_before_the_render_equals_drawing_inside_sds(geo: StableDiffusionGuidance) -> None:
+    """The training step draws t and noise before rendering (sd.SdsDraw); in the coarse stage (no
+    VAE draw) that is the same random stream, so the same SDS gradient. A draw of another shape
+    is refused with both shapes named."""
+    shape = geo.latent_shape(2)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for early in (False, True):
+        gen = torch.Generator().manual_seed(11)
+        draw = geo.draw(shape, "geometry_coarse", 1, [0, 2], gen) if early else None
+        x = latents.clone().requires_grad_(True)
+        geo.sds(x, "geometry_coarse", 1, view_index=[0, 2], generator=gen, draw=draw).loss.backward()
+        grads.append(x.grad)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+    wrong = geo.draw((2, 4, 4, 4), "geometry_coarse", 1, [0, 2], torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"noise \(2, 4, 4, 4\) does not match the latents \(2, 4, \d+, \d+\)"):
+        geo.sds(latents.clone(), "geometry_coarse", 1, view_index=[0, 2], draw=wrong)
