@@ -171,9 +171,9 @@ class GeometryPhase:
         self.capacity.update(counts)
         if PaddedSurface.overflow(counts, used) and self.info.is_main:
             print(f"\nwarning: iteration {it}: the surface outgrew its buffers (crossing tets / two-triangle tets / "
-                  f"vertices {counts[1]} / {counts[2]} / {counts[3]} > {used.tets} / {used.two} / {used.verts}); "
-                  "that step rendered it without some triangles. The buffers have been enlarged.",
-                  file=sys.stderr, flush=True)
+                  f"vertices / edge ends {' / '.join(map(str, counts[1:]))} for buffers of {used.tets} / {used.two} / "
+                  f"{used.verts} / {used.verts + 1}); that step rendered it without some triangles. The buffers have "
+                  "been enlarged.", file=sys.stderr, flush=True)
         return {"faces": float(counts[1] + counts[2])}
 
     def _normals(self, cams: CameraBatch) -> np.ndarray:

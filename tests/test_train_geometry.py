@@ -277,7 +277,7 @@ def test_surface_that_outgrows_its_buffers_is_reported_and_they_grow(tmp_path: P
     phase.capacity.capacity = SurfaceCapacity(8, 8, 8)          # far too small for this surface
     record = trainer.finish_step(trainer.train_step(2))
     err = capsys.readouterr().err
-    assert "iteration 2: the surface outgrew its buffers" in err and "> 8 / 8 / 8" in err
+    assert "iteration 2: the surface outgrew its buffers" in err and "for buffers of 8 / 8 / 8 / 9" in err
     assert record["faces"] == pytest.approx(first["faces"], rel=0.2)   # the true size, not the capped one
     assert phase.capacity.capacity.tets > record["faces"] / 2       # resized from the true counts
     assert not record["skipped"] and np.isfinite(record["loss"])
