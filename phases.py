@@ -19,6 +19,7 @@ from config import Config, resolve_path
 from dataset.cameras import CameraBatch
 from render import raster
 from render.normal_render import normal_to_display, render_normal_mask
+from sd import SdsDraw
 from trainer import StepResult, to_uint8
 
 
@@ -68,7 +69,7 @@ class Guide:
         return self.sd.draw(self.sd.latent_shape(len(cams)), stage, it, cams.view_index, generator)
 
     def __call__(self, x: torch.Tensor, stage: str, it: int, cams: CameraBatch, generator: torch.Generator,
-                 draw=None):
+                 draw: SdsDraw | None = None):
         if self.target is not None:
             return self.target.sds(x, stage, it, cams, generator, draw)
         return self.sd.sds(x, stage, it, cams.view_index, generator, draw)

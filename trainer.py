@@ -40,10 +40,10 @@ class TrainingError(RuntimeError):
 class StepResult:
     loss: torch.Tensor              # 0-dim; backward() puts the SDS gradient into the parameters
     sds: Any                        # the sd.SDSResult: its device-side stats are read one step later
-    extra: dict[str, float] = field(default_factory=dict)   # host values for the log
-    # Values the host must not wait for now (device tensors, or CPU tensors that go with them):
-    # read one step later and turned into log entries by phase.read_step. Taken from the last
-    # micro-step: they describe the step's parameters, which micro-steps share.
+    # The phase's values for the log (device tensors, or CPU tensors that go with them): read one
+    # step later, so the host never waits for them, and turned into log entries by
+    # phase.read_step. Taken from the last micro-step: they describe the step's parameters, which
+    # micro-steps share.
     device_values: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -79,7 +79,6 @@ class QueuedStep:
     it: int
     stage: str
     ms: float                       # host time of the step (on CUDA, log() swaps in the device time)
-    extra: dict[str, float]         # the phase's host values, averaged over micro-steps
     values: HostCopy                # [micro-steps, 2] SDS stats (non-finite, loss), the step tail,
     device_names: list[str]         # then the phase's device_values under these names
 
@@ -282,20 +281,18 @@ class Trainer:
         t0 = time.perf_counter()
         start_ev = self._start_timer()
         self.optimizer.zero_grad(set_to_none=True)
-        results, azimuths, extra = [], [], {}
+        results, azimuths = [], []
         for j in range(self.micro_steps):
             result, az_deg = self._micro_step(it, j)
             results.append(result)
             azimuths += az_deg
-            for k, v in result.extra.items():
-                extra[k] = extra.get(k, 0.0) + v / self.micro_steps
         # Sync point (several processes), the step's one collective: gradients averaged (a
         # non-finite entry on any rank reaches every rank, so all skip together), the stop flag
         # OR-ed and every rank's azimuths gathered for the log. Read one step later, not here.
         tail = distributed.step_all_reduce(self.params, [stop_requested], azimuths, self.info)
         self._optimizer_step()
         # No device synchronize: on CUDA, "ms" here is the host time of the step (the host waits
-        # inside it, at marching tets, for the device); log() replaces it with the device time
+        # inside it, at the rasterizer, for the device); log() replaces it with the device time
         # between the step's CUDA events, read one step late.
         ms = (time.perf_counter() - t0) * 1000
         if start_ev is not None:
@@ -306,8 +303,7 @@ class Trainer:
                 del self._step_events[k]
         stats = torch.stack([r.sds.stats for r in results])            # [micro-steps, 2]
         dev = results[-1].device_values
-        return QueuedStep(it, self.phase.stage(it), round(ms, 2), extra, HostCopy([stats, tail, *dev.values()]),
-                          list(dev))
+        return QueuedStep(it, self.phase.stage(it), round(ms, 2), HostCopy([stats, tail, *dev.values()]), list(dev))
 
     def finish_step(self, step: QueuedStep) -> dict[str, Any]:
         """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
@@ -320,7 +316,7 @@ class Trainer:
         self._track_skips(step.it, nonfinite > 0, nonfinite)
         return {"it": step.it, "stage": step.stage, "loss": float(np.mean(losses)), "ms": step.ms,
                 "nonfinite": nonfinite, "skipped": nonfinite > 0, "azimuth_deg": azimuths, "stop": stop,
-                **step.extra, **phase_entries}
+                **phase_entries}
 
     def _track_skips(self, it: int, skipped: bool, nonfinite: int) -> None:
         if not skipped:

@@ -562,8 +562,11 @@ class DMTetGeometry(nn.Module):
         """(sdf [V], deform [V, 3]) predicted at the undeformed grid vertices."""
         return self.sdf_net(self.grid_verts)
 
-    def deformed_verts(self, deform_vx3: torch.Tensor) -> torch.Tensor:
-        return self.grid_verts + torch.tanh(deform_vx3) / self.grid_res
+    def deformed_verts(self, deform_vx3: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Grid vertices moved by their predicted deformation; `rows` [N]: only those vertices
+        (deform_vx3 then [N, 3], their deformations)."""
+        base = self.grid_verts if rows is None else self.grid_verts[rows]
+        return base + torch.tanh(deform_vx3) / self.grid_res
 
     def extract_with_sdf(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(verts [Nv, 3], faces [Nf, 3] int64, sdf [V]); raises EmptyMeshError without triangles."""
@@ -591,20 +594,19 @@ class DMTetGeometry(nn.Module):
             planner.update(counts)
         st = _surface_topology(sdf_all, self.tets, self.topology, planner.capacity)
         ends, slot_a, slot_b, ends_ok, n_ends = _edge_ends(st.ia, st.ib, st.v_ok, self.grid_verts.shape[0])
-        base = self.grid_verts[ends]                                             # [U, 3]
-        sdf_e, deform_e = self.sdf_net(base)                                     # with gradients
-        pos_e = base + torch.tanh(deform_e) / self.grid_res
+        sdf_e, deform_e = self.sdf_net(self.grid_verts[ends])                   # [U], [U, 3] with gradients
+        pos_e = self.deformed_verts(deform_e, ends)
 
-        def at(values_e: torch.Tensor, values_all: torch.Tensor, slot: torch.Tensor, rows: torch.Tensor
-               ) -> torch.Tensor:
-            # The full pass's value (the one the signs came from: no sign can disagree) with the
-            # gradient of the ends' pass (the same function at the same point).
-            e = gather_rows(values_e, slot)
-            return e - e.detach() + values_all[rows]
-        pos_all = self.deformed_verts(deform_all)
+        def at(slot: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # (sdf [N, 1], position [N, 3]) of the edge ends `rows`: the full pass's values (the ones
+            # the signs came from: no sign can disagree) with the gradient of the ends' pass (the
+            # same function at the same points).
+            s, p = gather_rows(sdf_e, slot), gather_rows(pos_e, slot)
+            s_full, p_full = sdf_all[rows], self.deformed_verts(deform_all[rows], rows)
+            return (s - s.detach() + s_full)[:, None], p - p.detach() + p_full
         v_ok = st.v_ok & ends_ok
-        verts = _edge_vertices(at(sdf_e, sdf_all, slot_a, st.ia)[:, None], at(sdf_e, sdf_all, slot_b, st.ib)[:, None],
-                               at(pos_e, pos_all, slot_a, st.ia), at(pos_e, pos_all, slot_b, st.ib), v_ok)
+        (s_a, p_a), (s_b, p_b) = at(slot_a, st.ia), at(slot_b, st.ib)
+        verts = _edge_vertices(s_a, s_b, p_a, p_b, v_ok)
         # Only when the ends outgrew their buffer (counted, reported late): drop faces that use them
         # (pad faces come out as they went in: the same row gives the same pad vertex).
         faces = _pad_faces(st.faces, v_ok[:, 0][st.faces].all(1), v_ok.shape[0])

@@ -38,12 +38,12 @@ class OneParameterPhase:
         sds = sds_from_eps(self.p, noise, torch.tensor([500], device=self.p.device), eps_hat,
                            torch.tensor([1.0], device=self.p.device))
         # A device value read one step late (as the geometry phase's surface size) and a host one.
-        return StepResult(loss=sds.loss, sds=sds, extra={"faces": 2.0},
+        return StepResult(loss=sds.loss, sds=sds,
                           device_values={"p_sum": self.p.detach().sum(), "host": torch.tensor([it, 7])})
 
     def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
         assert values["host"] == [it, 7]
-        return {"p_sum": values["p_sum"][0]}
+        return {"p_sum": values["p_sum"][0], "faces": 2.0}
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -71,7 +71,7 @@ def test_record_is_read_after_the_step_is_queued(tmp_path: Path, device: str) ->
     before = phase.p.detach().clone()
     step = trainer.train_step(1)
     assert not torch.equal(phase.p, before)                     # the update is applied (queued)
-    assert (step.it, step.stage, step.extra) == (1, "geometry_coarse", {"faces": 2.0})   # nothing read yet
+    assert (step.it, step.stage) == (1, "geometry_coarse")     # nothing read yet
     record = trainer.finish_step(step)
     assert record["it"] == 1 and record["nonfinite"] == 0 and not record["skipped"] and not record["stop"]
     assert record["faces"] == 2.0
