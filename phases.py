@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import distributed
 from config import Config, resolve_path
 from dataset.cameras import CameraBatch
 from render import raster
 from render.normal_render import normal_to_display, render_normal_mask
+from render.util import resize_bilinear_aa
 from sd import SdsDraw
 from trainer import StepResult, to_uint8
 
@@ -107,8 +107,7 @@ class NormalStageRenderer:
                                  flip_normal=coarse and self.cfg.if_flip_the_normal)       # [B, H, W, 4]
         if coarse:  # normal xyz + mask used directly as the 4-channel latent
             size = latent_size(self.cfg)
-            return F.interpolate(img.permute(0, 3, 1, 2), (size, size), mode="bilinear",
-                                 align_corners=False, antialias=True)                   # [B, 4, h, w]
+            return resize_bilinear_aa(img, (size, size))                              # [B, 4, h, w]
         return normal_to_display(img).permute(0, 3, 1, 2).contiguous()                 # [B, 3, H, W]
 
 

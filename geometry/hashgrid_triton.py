@@ -2,8 +2,12 @@
 
 Mirrors `geometry.hashgrid.hash_encode_torch` operation by operation (normalization, clamped
 cell, corner order, weight products), so values agree to fp32 rounding. One program handles
-BLOCK points and loops over all levels, which keeps the input gradient a plain store (no atomics);
-the table gradient uses atomic adds because many points share a row.
+BLOCK points on one level: the grid is (point blocks, levels), and since blocks along the first
+axis are scheduled first, the device works through the levels roughly one at a time, so the rows
+being gathered are one level's table (4 MiB at 2^19 x 2 fp32) rather than all sixteen (64 MiB,
+more than the L2 cache). A backward that needs the input gradient instead loops over the levels
+in one program, which keeps that gradient a plain store (no atomics); the table gradient uses
+atomic adds because many points share a row.
 
 Imported lazily (only when the triton backend is used): `@triton.jit` decides between compiled
 and interpreted mode at import time from TRITON_INTERPRET.
@@ -78,24 +82,24 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_p
     tx, _ix, _ex = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 0)
     ty, _iy, _ey = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 1)
     tz, _iz, _ez = _normalized(x_ptr, n64, mask, lo_ptr, hi_ptr, 2)
-    for lvl in range(L):
-        res_i, res, dense, level_off, fx, fy, fz, x0, y0, z0 = _level_cell(
-            tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
-        acc = tl.zeros((BLOCK, F), dtype=tl.float32)
-        for c in tl.static_range(8):
-            # Corner offsets are compile-time constants (unrolled loop); plain names, since
-            # an annotated constexpr cannot be reassigned across unrolled iterations.
-            ox = c & 1
-            oy = (c >> 1) & 1
-            oz = (c >> 2) & 1
-            wx = fx if ox == 1 else 1.0 - fx
-            wy = fy if oy == 1 else 1.0 - fy
-            wz = fz if oz == 1 else 1.0 - fz
-            w = wx * wy * wz
-            rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
-            feat = tl.load(table_ptr + rows[:, None] * F + fr[None, :], mask=mask[:, None], other=0.0)
-            acc += w[:, None] * feat
-        tl.store(out_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], acc, mask=mask[:, None])
+    lvl = tl.program_id(1)
+    res_i, res, dense, level_off, fx, fy, fz, x0, y0, z0 = _level_cell(
+        tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
+    acc = tl.zeros((BLOCK, F), dtype=tl.float32)
+    for c in tl.static_range(8):
+        # Corner offsets are compile-time constants (unrolled loop); plain names, since
+        # an annotated constexpr cannot be reassigned across unrolled iterations.
+        ox = c & 1
+        oy = (c >> 1) & 1
+        oz = (c >> 2) & 1
+        wx = fx if ox == 1 else 1.0 - fx
+        wy = fy if oy == 1 else 1.0 - fy
+        wz = fz if oz == 1 else 1.0 - fz
+        w = wx * wy * wz
+        rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
+        feat = tl.load(table_ptr + rows[:, None] * F + fr[None, :], mask=mask[:, None], other=0.0)
+        acc += w[:, None] * feat
+    tl.store(out_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], acc, mask=mask[:, None])
 
 
 @triton.jit
@@ -103,6 +107,8 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
                      dense_ptr, off_ptr, N, L: tl.constexpr, F: tl.constexpr,
                      HASH_MASK: tl.constexpr, NEED_TABLE: tl.constexpr, NEED_X: tl.constexpr,
                      BLOCK: tl.constexpr):
+    """Grid (point blocks, levels) without NEED_X (one level per program); (point blocks, 1) with
+    it (every level in one program, so the input gradient needs no atomics)."""
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = n < N
     n64 = n.to(tl.int64)
@@ -113,7 +119,8 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
     gx = tl.zeros((BLOCK,), dtype=tl.float32)
     gy = tl.zeros((BLOCK,), dtype=tl.float32)
     gz = tl.zeros((BLOCK,), dtype=tl.float32)
-    for lvl in range(L):
+    first = 0 if NEED_X else tl.program_id(1)
+    for lvl in range(first, L if NEED_X else first + 1):
         res_i, res, dense, level_off, fx, fy, fz, x0, y0, z0 = _level_cell(
             tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
         g = tl.load(gout_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], mask=mask[:, None],
@@ -180,7 +187,7 @@ class _HashEncodeFn(torch.autograd.Function):
         n_levels = len(layout.resolutions)
         res, dense, off = _layout_tensors(layout, x_nx3.device)
         out = torch.empty(n_points, n_levels * n_feat, device=x_nx3.device, dtype=torch.float32)
-        grid = (triton.cdiv(n_points, BLOCK),)
+        grid = (triton.cdiv(n_points, BLOCK), n_levels)
         if n_points:
             _hash_fwd_kernel[grid](x_nx3, table_rxf, out, aabb_2x3[0], aabb_2x3[1], res, dense, off,
                                    n_points, L=n_levels, F=n_feat, HASH_MASK=layout.hash_size - 1,
@@ -201,7 +208,7 @@ class _HashEncodeFn(torch.autograd.Function):
         gx = torch.empty_like(x_nx3) if need_x else None
         if n_points and (need_x or need_table):
             res, dense, off = _layout_tensors(layout, x_nx3.device)
-            grid = (triton.cdiv(n_points, BLOCK),)
+            grid = (triton.cdiv(n_points, BLOCK), 1 if need_x else len(layout.resolutions))
             _hash_bwd_kernel[grid](
                 x_nx3, table_rxf, gout, gtable if need_table else table_rxf,
                 gx if need_x else x_nx3, aabb_2x3[0], aabb_2x3[1], res, dense, off, n_points,

@@ -14,6 +14,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Face id -> (axis of the major component, sign). Used by callers that need face normals.
@@ -39,6 +40,41 @@ def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     backward is an atomic index_add, instead of the sort-based index_put of indexing (slower, only
     needed for determinism); on CPU by indexing, the reference path (bit-identical gradients)."""
     return x.index_select(0, idx) if x.is_cuda else x[idx]
+
+
+# ----------------------------------------------------------------------------------------
+# Resampling.
+
+@functools.lru_cache(maxsize=16)
+def _aa_bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[n_in, n_out]: column i holds the weights of output sample i along one axis of PyTorch's
+    antialiased bilinear resize (align_corners=False), read off by resizing the identity, so they
+    are PyTorch's own (filter, support and border renormalization included). Cached; read-only."""
+    eye = torch.eye(n_in, dtype=torch.float64)[None, None]                          # [1, 1, n_in, n_in]
+    w = F.interpolate(eye, (n_in, n_out), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    return w.to(dtype=dtype, device=device)
+
+
+def resize_bilinear_aa(img_bxhxwxc: Tensor, size: tuple[int, int]) -> Tensor:
+    """[B, H, W, C] -> [B, C, h, w], equal (to rounding) to
+    ``F.interpolate(img.permute(0, 3, 1, 2), size, mode="bilinear", align_corners=False, antialias=True)``.
+
+    The filter is separable, so the resize is two matrix products with the per-axis weights
+    (out = Wh^T @ x @ Ww). Their backward is two more products; PyTorch's antialiased kernel
+    scatters its backward with atomics, which made it the slowest op after the rasterizer in the
+    coarse geometry step (0.18 ms of it on an H200 at 4 x 512^2 -> 64^2).
+    """
+    if img_bxhxwxc.dim() != 4 or not img_bxhxwxc.is_floating_point():
+        raise ValueError(f"img_bxhxwxc: expected a floating-point [B, H, W, C] tensor, got "
+                         f"{tuple(img_bxhxwxc.shape)} {img_bxhxwxc.dtype}")
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"size: expected (h, w) with h, w >= 1, got {tuple(size)}")
+    _, h_in, w_in, _ = img_bxhxwxc.shape
+    dt, dev = img_bxhxwxc.dtype, img_bxhxwxc.device
+    weights_h = _aa_bilinear_weights(h_in, int(size[0]), dt, dev)                   # [H, h]
+    weights_w = _aa_bilinear_weights(w_in, int(size[1]), dt, dev)                   # [W, w]
+    rows = torch.matmul(img_bxhxwxc.permute(0, 3, 1, 2), weights_w)                 # [B, C, H, w]
+    return torch.matmul(weights_h.t(), rows)                                        # [B, C, h, w]
 
 
 # ----------------------------------------------------------------------------------------

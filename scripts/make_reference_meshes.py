@@ -2,14 +2,17 @@
 
 Usage: ``python scripts/make_reference_meshes.py OUT_DIR [--resolution 128]`` writes
 
-- ``mug.obj``        a mug with a handle: genus 1 (the handle's hole) and a concave cavity;
+- ``mug.obj``        a mug with a handle: genus 1 (the handle's hole) and a deep concave cavity,
+  whose floor the published cameras never see (see ``CUP``);
+- ``cup.obj``        the same construction, wide and shallow: a cavity the published cameras see
+  entirely, genus 1;
 - ``thin_parts.obj`` a stool: a thin round seat on four thin legs joined by a thin ring;
 - ``torus.obj``      a torus lying in the xz plane (genus 1, convex nowhere near the hole);
 - ``textured/textured.obj`` (+ ``.mtl``, ``albedo.png``) an egg-shaped body with lat-long UVs and a
   smooth, low-frequency albedo pattern, the target of appearance recovery;
 - ``manifest.json``  the files with their vertex/face counts, genus and bounding boxes.
 
-The same shapes are importable (``mug_mesh()``, ``thin_parts_mesh()``, ``torus_mesh()``,
+The same shapes are importable (``mug_mesh()``, ``cup_mesh()``, ``thin_parts_mesh()``, ``torus_mesh()``,
 ``textured_mesh()``, ``write_references(out_dir)``) and return ``trimesh.Trimesh`` objects.
 
 Conventions follow DESIGN.md 4: y up, front faces +z, everything inside the unit sphere so the
@@ -119,6 +122,20 @@ def mug_sdf(radius: float = 0.5, height: float = 1.1, wall: float = 0.16, bottom
 def mug_mesh(resolution: int = 128):
     """The mug, bounding box centred: about 1.39 x 1.1 x 1.0 (x handle side, y up)."""
     return centre_bbox(sdf_to_mesh(mug_sdf(), resolution=resolution))
+
+
+# The cup: the mug's shape made wide and shallow enough that the published cameras see all of it.
+# From elevation <= 45 degrees (about 41 degrees at the rim, in perspective from radius 3) a cavity
+# floor point is visible only if (cavity radius + its distance from the axis) * tan(41) exceeds the
+# depth, so the mug's floor (radius 0.34, depth 0.92) is never seen: `scripts/visibility.py` finds
+# 12.6% of its surface unseen and bounds the IoU any fit to the car cameras must reach at 0.79. The
+# cup's cavity (radius 0.43, depth 0.45) is seen everywhere (bound 0.96).
+CUP = dict(radius=0.55, height=0.6, wall=0.12, bottom=0.15, handle_major=0.2, handle_minor=0.07)
+
+
+def cup_mesh(resolution: int = 128):
+    """A wide cup with a handle, bounding box centred: about 1.37 x 0.6 x 1.1 (handle on +x)."""
+    return centre_bbox(sdf_to_mesh(mug_sdf(**CUP), resolution=resolution))
 
 
 def thin_parts_sdf(seat_radius: float = 0.6, seat_thickness: float = 0.06, leg_radius: float = 0.035,
@@ -235,8 +252,8 @@ def write_references(out_dir: str | Path, resolution: int = 128) -> dict[str, Pa
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    solids = {"mug": mug_mesh(resolution), "thin_parts": thin_parts_mesh(max(resolution, 160)),
-              "torus": torus_mesh()}
+    solids = {"mug": mug_mesh(resolution), "cup": cup_mesh(resolution),
+              "thin_parts": thin_parts_mesh(max(resolution, 160)), "torus": torus_mesh()}
     paths: dict[str, Path] = {}
     manifest: dict[str, dict] = {}
     for name, mesh in solids.items():

@@ -1,6 +1,8 @@
 """scripts/bench.py: attributing the host's waits for the device in a profiler trace."""
 from __future__ import annotations
 
+import pytest
+
 from scripts.bench import blocking_waits
 
 
@@ -58,3 +60,17 @@ def test_device_idle_charges_each_gap_to_the_host_code_that_launched_the_next_ke
     total, where = device_idle(events, steps=2, own_files=own)
     assert where == {"render/raster.py(9): antialias": 0.8, "memcpy": 0.5, "phases.py(99): backward_hook": 0.4}
     assert total == 1.7
+
+
+def test_host_window_medians_from_marks() -> None:
+    """scripts/host_window.py: the three host intervals of each step, from the timer marks."""
+    from scripts.host_window import windows
+    marks = []
+    for k in range(3):                          # steps 100 ms apart; the second step's window is longer
+        t = 0.1 * k
+        post = 0.002 if k == 1 else 0.001
+        marks += [("raster_in", t), ("raster_out", t + 0.016), ("unet", t + 0.016 + post)]
+    got = windows(marks)
+    assert got["rasterize_call_ms"] == 16.0
+    assert got["raster_return_to_unet_launch_ms"] == 1.0              # median of 1, 2, 1 ms
+    assert got["unet_launch_to_next_rasterize_ms"] == pytest.approx(82.5, abs=1e-6)   # 83, 82 ms
