@@ -12,6 +12,8 @@ Metrics (all from the reference's point of view where a scale is needed):
 - ``fscore``: F-score at a threshold of 1% of the diagonal (precision/recall of the samples).
 - ``normal_consistency``: mean |n_sample . n_closest_face| over both directions (1 = perfect; the
   absolute value makes it independent of face orientation, as in Occupancy Networks).
+- ``out_far``: the output samples farther than 2% of the diagonal from the reference, as a fraction
+  and counted per height bin (where the surface the reference lacks sits).
 - ``iou``: volumetric IoU on a regular grid over the union of both bounding boxes; inside means
   generalized winding number > 0.5 (libigl fast winding number), robust to small holes.
 - ``psnr`` / ``ssim``: renders of both meshes at held-out views (a turntable at 20 degrees
@@ -118,6 +120,21 @@ def surface_metrics(out: Surface, ref: Surface, n_samples: int = 50_000, seed: i
             "chamfer_out_to_ref": float(d_out.mean() / diag), "chamfer_ref_to_out": float(d_ref.mean() / diag),
             "fscore": fscore, "normal_consistency": float(0.5 * (cos_out.mean() + cos_ref.mean())),
             "reference_diagonal": diag}
+
+
+def far_output_by_height(out: Surface, ref: Surface, threshold: float = 0.02, n_samples: int = 20_000,
+                         bins: int = 10, seed: int = 0) -> dict:
+    """Where the output has surface the reference lacks: the fraction of output samples farther than
+    `threshold` x ref's diagonal from ref, and their count per height (y, up) bin over ref's extent.
+    A false floor in a cavity or a membrane across a hole shows as a peak at its height."""
+    rng = np.random.default_rng(seed)
+    p_out, n_out = sample_surface(out, n_samples, rng)
+    d_out, _ = directed_distances(p_out, n_out, ref)
+    far = p_out[d_out > threshold * ref.diagonal]
+    edges = np.linspace(ref.verts[:, 1].min(), ref.verts[:, 1].max(), bins + 1)
+    counts = np.histogram(np.clip(far[:, 1], edges[0], edges[-1]), edges)[0]
+    return {"threshold": threshold, "fraction": float(len(far) / n_samples),
+            "y_bin_edges": np.round(edges, 4).tolist(), "counts": counts.tolist()}
 
 
 def inside(s: Surface, points: np.ndarray) -> np.ndarray:
@@ -242,6 +259,7 @@ def evaluate(out_path: str | Path, ref_path: str | Path, opts: EvalOptions = Eva
     out, ref = load_surface(out_path), load_surface(ref_path)
     result: dict = {"output": str(out_path), "reference": str(ref_path), "options": asdict(opts)}
     result.update(surface_metrics(out, ref, opts.samples, opts.seed))
+    result["out_far"] = far_output_by_height(out, ref, seed=opts.seed)
     result["iou"] = volume_iou(out, ref, opts.iou_resolution)
     if opts.images != "none":
         result.update(image_metrics(out_path, ref_path, opts.images, opts.views, opts.image_resolution))

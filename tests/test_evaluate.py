@@ -117,6 +117,27 @@ def test_shifted_mesh_is_penalized_in_every_metric(tmp_path: Path, ref_dir: dict
     assert off["psnr"] < 25 and off["ssim"] < same["ssim"]
 
 
+def test_far_output_by_height_finds_a_false_floor() -> None:
+    """The failure seen at full scale: a cup whose cavity stops short of its floor. The output's
+    surface that the reference lacks is the raised floor, and it is counted at that height."""
+    cup = ev.Surface(*(np.asarray(a) for a in _arrays(refs.cup_mesh(resolution=48))), "cup")
+    floor_y = -0.3 + refs.CUP["bottom"]                                  # bbox-centred: y in [-0.3, 0.3]
+    raised = dict(refs.CUP, bottom=refs.CUP["bottom"] + 0.2)             # false floor 0.2 higher
+    out = ev.Surface(*(np.asarray(a) for a in _arrays(refs.centre_bbox(refs.sdf_to_mesh(refs.mug_sdf(**raised),
+                                                                                    resolution=48)))), "raised")
+    same = ev.far_output_by_height(cup, cup, n_samples=4000)
+    assert same["fraction"] == 0.0
+    far = ev.far_output_by_height(out, cup, n_samples=4000)
+    assert far["fraction"] > 0.05
+    edges, counts = np.array(far["y_bin_edges"]), np.array(far["counts"])
+    peak = 0.5 * (edges[counts.argmax()] + edges[counts.argmax() + 1])
+    assert peak == pytest.approx(floor_y + 0.2, abs=0.06), far
+
+
+def _arrays(mesh) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64)
+
+
 def test_psnr_and_ssim_known_values() -> None:
     a = np.zeros((1, 32, 32, 3))
     assert ev.psnr(a, a + 0.1) == pytest.approx(20.0)
