@@ -74,3 +74,16 @@ def test_host_window_medians_from_marks() -> None:
     assert got["rasterize_call_ms"] == 16.0
     assert got["raster_return_to_unet_launch_ms"] == 1.0              # median of 1, 2, 1 ms
     assert got["unet_launch_to_next_rasterize_ms"] == pytest.approx(82.5, abs=1e-6)   # 83, 82 ms
+
+
+def test_device_periods_are_the_gaps_between_step_starts() -> None:
+    from scripts.bench import device_periods_ms
+
+    class Event:                                   # stands in for torch.cuda.Event
+        def __init__(self, t: float) -> None:
+            self.t = t
+
+        def elapsed_time(self, later: "Event") -> float:
+            return later.t - self.t
+    assert device_periods_ms([Event(0.0), Event(10.0), Event(25.0)]) == [10.0, 15.0]
+    assert device_periods_ms([Event(0.0)]) == []
