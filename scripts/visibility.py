@@ -46,15 +46,14 @@ class VisibilityOptions:
     batch: int = 16                 # cameras rasterized together
 
 
-def depth_maps(verts_vx3: torch.Tensor, faces_fx3: torch.Tensor, cams, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """(view depth [B, H, W] (inf where nothing is hit), mvp [B, 4, 4]) of the mesh for `cams`."""
+def depth_maps(verts_vx3: torch.Tensor, faces_fx3: torch.Tensor, cams, ctx) -> torch.Tensor:
+    """View depth [B, H, W] of the mesh for `cams` (inf where nothing is hit)."""
     from render import raster
     pos = raster.clip_positions(verts_vx3, cams.mvp)                                # [B, V, 4]
     tri = faces_fx3.to(torch.int32)
     rast, _ = raster.rasterize(ctx, pos, tri, cams.resolution)
     w, _ = raster.interpolate(pos[..., 3:4].contiguous(), rast, tri, backend=ctx)   # clip w = view depth
-    depth = torch.where(rast[..., 3] > 0, w[..., 0], torch.full_like(w[..., 0], float("inf")))
-    return depth, cams.mvp
+    return torch.where(rast[..., 3] > 0, w[..., 0], torch.full_like(w[..., 0], float("inf")))
 
 
 def project(points_px3: torch.Tensor, mvp_bx4x4: torch.Tensor, hw: tuple[int, int]
@@ -116,12 +115,12 @@ def analyse(mesh_path: str | Path, config: str | Path, overrides: list[str] | No
     gen = torch.Generator().manual_seed(opts.seed)
     for start in range(0, opts.cameras, opts.batch):
         cams = sample_train_cameras(min(opts.batch, opts.cameras - start), (-180.0, 180.0), cam_opts, gen, dev)
-        depth, mvp = depth_maps(verts, faces, cams, ctx)
+        depth = depth_maps(verts, faces, cams, ctx)
         hw = tuple(depth.shape[1:])
-        row, col, d = project(pts_t, mvp, hw)
+        row, col, d = project(pts_t, cams.mvp, hw)
         # No facing test: on a closed mesh a point seen from behind lies behind the front surface.
         seen |= ((row >= 0) & (d <= lookup(depth, row, col) + tol)).any(0)
-        row, col, d = project(vox_t, mvp, hw)
+        row, col, d = project(vox_t, cams.mvp, hw)
         carved |= ((row >= 0) & (d < lookup(depth, row, col) - tol)).any(0)
     pockets = int((~carved).sum())
     unseen = pts[~seen.cpu().numpy()]
@@ -147,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for train.py")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)      # overrides may follow the options
     if not Path(args.mesh).is_file():
         print(f"error: mesh {args.mesh!r} not found", file=sys.stderr)
         return 2
+    from config import ConfigError
+    from scripts.evaluate import EvaluateError
     opts = VisibilityOptions(cameras=args.cameras, resolution=args.resolution, voxels=args.voxels)
-    result = analyse(args.mesh, args.config, args.overrides, opts, args.device)
+    try:
+        result = analyse(args.mesh, args.config, args.overrides, opts, args.device)
+    except (ConfigError, EvaluateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -206,3 +206,12 @@ def test_visibility_finds_the_deep_mugs_hidden_floor_and_sees_all_of_the_cup(ref
     steep = analyse(ref_dir["mug"], config, ["elevation_range=[-10,80]"], opts=opts)
     assert steep["visible_area_fraction"] > mug["visible_area_fraction"] + 0.05, (steep, mug)
     assert steep["carved_iou_bound"] > mug["carved_iou_bound"] + 0.05, (steep, mug)
+
+
+def test_visibility_cli_rejects_bad_input(tmp_path: Path, ref_dir: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    from scripts import visibility
+    config = str(REPO / "configs" / "car_geometry.json")
+    assert visibility.main([str(tmp_path / "nope.obj"), "--config", config]) == 2
+    assert "nope.obj" in capsys.readouterr().err
+    assert visibility.main([str(ref_dir["torus"]), "--config", config, "--cameras", "4", "elevaton_range=[0,10]"]) == 2
+    assert "elevaton_range" in capsys.readouterr().err
