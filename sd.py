@@ -198,14 +198,9 @@ class SdsDraw:
     w: Tensor                       # [B] float32 SDS weight w(t)
     sqrt_a: Tensor                  # [B, 1, 1, 1] sqrt(alphas_cumprod[t])
     sqrt_1ma: Tensor                # [B, 1, 1, 1] sqrt(1 - alphas_cumprod[t])
+    scaled_noise: Tensor            # [B, C, h, w] sqrt(1 - a) eps: made with the draw, one launch
+                                    # fewer between the rasterizer's wait and the UNet launch
     text_emb: Tensor | None = None  # [2B, L, D] prompt embeddings (Stable Diffusion only)
-    scaled_noise: Tensor | None = None  # [B, C, h, w] sqrt(1 - a) eps, made with the draw
-
-    def __post_init__(self) -> None:
-        # The noise term needs no render: computed here, before the rasterizer's wait, it leaves one
-        # launch fewer between that wait and the UNet launch (same values as computing it later).
-        if self.scaled_noise is None:
-            self.scaled_noise = self.sqrt_1ma * self.noise
 
     def add_noise(self, latents: Tensor) -> Tensor:
         """z_t = sqrt(a) z + sqrt(1 - a) eps in float32 (latents [B, C, h, w] of the noise's shape)."""
@@ -224,7 +219,8 @@ def draw_sds(alphas_cumprod: Tensor, latent_shape: Sequence[int], stage: str, it
     noise = _randn(torch.Size(latent_shape), generator, torch.device(device))
     a = alphas_cumprod.to(t.device, torch.float32)[t].view(-1, 1, 1, 1)
     w = sds_weight(alphas_cumprod, t, stage, strategy, it, coarse_iter)
-    return SdsDraw(t=t, noise=noise, w=w, sqrt_a=a.sqrt(), sqrt_1ma=(1.0 - a).sqrt())
+    sqrt_1ma = (1.0 - a).sqrt()
+    return SdsDraw(t=t, noise=noise, w=w, sqrt_a=a.sqrt(), sqrt_1ma=sqrt_1ma, scaled_noise=sqrt_1ma * noise)
 
 
 class SpecifyGradient(torch.autograd.Function):

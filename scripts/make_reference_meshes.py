@@ -127,9 +127,9 @@ def mug_mesh(resolution: int = 128):
 # The cup: the mug's shape made wide and shallow enough that the published cameras see all of it.
 # From elevation <= 45 degrees (about 41 degrees at the rim, in perspective from radius 3) a cavity
 # floor point is visible only if (cavity radius + its distance from the axis) * tan(41) exceeds the
-# depth, so the mug's floor (radius 0.34, depth 0.92) is never seen: `scripts/visibility.py` finds
-# 12.6% of its surface unseen and bounds the IoU any fit to the car cameras must reach at 0.79. The
-# cup's cavity (radius 0.43, depth 0.45) is seen everywhere (bound 0.96).
+# depth, so the mug's floor (radius 0.34, depth 0.92) is never seen: `scripts/visibility.py` (512
+# car cameras) finds 11% of its surface unseen and bounds the IoU a fit to those cameras may end at
+# at 0.81. The cup's cavity (radius 0.43, depth 0.45) is seen everywhere (bound 0.97).
 CUP = dict(radius=0.55, height=0.6, wall=0.12, bottom=0.15, handle_major=0.2, handle_minor=0.07)
 
 
