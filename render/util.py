@@ -38,7 +38,7 @@ def device_constant(values: tuple[float, ...], dtype: torch.dtype, device: torch
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
     """x[idx] for a 1-D index: the same values either way. On CUDA through index_select, whose
     backward is an atomic index_add, instead of the sort-based index_put of indexing (slower, only
-    needed for determinism); on CPU by indexing, the reference path (bit-identical gradients)."""
+    needed for determinism); on CPU by indexing, as the reference path does."""
     return x.index_select(0, idx) if x.is_cuda else x[idx]
 
 
