@@ -305,6 +305,12 @@ class Trainer:
         dev = results[-1].device_values
         return QueuedStep(it, self.phase.stage(it), round(ms, 2), HostCopy([stats, tail, *dev.values()]), list(dev))
 
+    def step_start_event(self, it: int) -> Any | None:
+        """The CUDA event recorded when step `it` began (held until its record is logged); None on
+        CPU or once logged. Benchmarks time consecutive step starts with it."""
+        events = self._step_events.get(it)
+        return None if events is None else events[0]
+
     def finish_step(self, step: QueuedStep) -> dict[str, Any]:
         """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
         "stop" (any rank interrupted). Raises TrainingError after too many skipped steps in a row."""

@@ -124,8 +124,9 @@ def run_steps(trainer, first_it: int, n: int, starts: list | None = None) -> lis
     host_ms, queued = [], None
     for it in range(first_it, first_it + n):
         step = trainer.train_step(it)
-        if starts is not None and it in trainer._step_events:
-            starts.append(trainer._step_events[it][0])
+        start = trainer.step_start_event(it)
+        if starts is not None and start is not None:
+            starts.append(start)
         if queued is not None:
             trainer.finish_step(queued)
         queued = step
