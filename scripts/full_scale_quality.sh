@@ -10,7 +10,13 @@
 #                                                        grid256_torus; <ref> in mug, cup, thin_parts, torus)
 #       custom_mug                                      (user_mesh_geometry: custom_mesh init from a
 #                                                        coarse mug, target = the full-resolution mug)
+#       <job>_e<K>                                      (the job with emulate_gpus=K: the camera coverage
+#                                                        per step of K GPUs; the car configs are the
+#                                                        published 8-GPU ones, so e.g. grid128_cup_e8)
 # Writes OUT_DIR/eval_<job>.json (evaluate.py output plus the run's wall time and log summary).
+# Environment: REFS (reference folder), RUNS (run folders), EXTRA (more key=value overrides, e.g.
+# EXTRA="emulate_gpus=8" for the published 8-GPU camera coverage per step), LAUNCH (the command
+# that starts train.py; default python3, e.g. LAUNCH="torchrun --nproc_per_node=4").
 set -euo pipefail
 out=$(realpath -m "$1"); shift
 mkdir -p "$out"
@@ -24,29 +30,32 @@ common=(guidance=target_mesh video_frames=0 validate=false ${EXTRA:-})   # EXTRA
 for job in "$@"; do
   run=${RUNS:-/tmp/quality_runs}/$job
   rm -rf "$run"; mkdir -p "$(dirname "$run")"
-  case $job in
+  base=$job; emulate=()
+  if [[ $job =~ ^(.+)_e([0-9]+)$ ]]; then base=${BASH_REMATCH[1]}; emulate=(emulate_gpus=${BASH_REMATCH[2]}); fi
+  case $base in
     appearance_s0) args=(--config configs/car_appearance_strategy0.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     appearance_s1) args=(--config configs/car_appearance_strategy1.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     appearance_s2) args=(--config configs/pineapple_appearance_strategy2_single_gpu.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
-    grid*_*) name=${job#*_}; n=${job%%_*}; n=${n#grid}
+    grid*_*) name=${base#*_}; n=${base%%_*}; n=${n#grid}
       args=(--config configs/car_geometry.json dmtet_grid=$n target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
     custom_mug)
       [ -f "$refs/coarse/mug.obj" ] || python3 scripts/make_reference_meshes.py "$refs/coarse" --resolution 24 >/dev/null
       args=(--config configs/user_mesh_geometry.json base_mesh=$refs/coarse/mug.obj target_mesh=$refs/mug.obj); ref=$refs/mug.obj; images=normal ;;
     *) echo "unknown job $job" >&2; exit 2 ;;
   esac
+  args+=("${emulate[@]}")
   start=$SECONDS
-  python3 train.py "${args[@]}" "${common[@]}" out_dir="$run" > "$run.stdout" 2>&1 || { tail -5 "$run.stdout"; exit 1; }
+  ${LAUNCH:-python3} train.py "${args[@]}" "${common[@]}" out_dir="$run" > "$run.stdout" 2>&1 || { tail -5 "$run.stdout"; exit 1; }
   wall=$((SECONDS - start))
   python3 scripts/evaluate.py "$run/dmtet_mesh/mesh.obj" "$ref" --images "$images" --out "$run.eval.json"
-  python3 - "$run" "$run.eval.json" "$out/eval_$job.json" "$wall" "$job" "${args[*]} ${common[*]}" <<'EOF'
+  python3 - "$run" "$run.eval.json" "$out/eval_$job.json" "$wall" "$job" "${LAUNCH:-python3} train.py ${args[*]} ${common[*]}" <<'EOF'
 import json, statistics, sys
 run, ev, dst, wall, job, cmd = sys.argv[1:]
 log = [json.loads(line) for line in open(f"{run}/log.jsonl")]
 stages = {}
 for r in log:
     stages.setdefault(r["stage"], []).append(r["ms"])
-data = {"job": job, "command": f"python3 train.py {cmd}", "wall_s": int(wall), "iterations": len(log),
+data = {"job": job, "command": cmd, "wall_s": int(wall), "iterations": len(log),
         "median_ms": {s: round(statistics.median(v), 2) for s, v in stages.items()},
         "eval": json.load(open(ev))}
 json.dump(data, open(dst, "w"), indent=2)
