@@ -7,7 +7,7 @@
 # JOBs: appearance_s0 | appearance_s1 | appearance_s2   (car strategy 0 / car strategy 1 /
 #         pineapple strategy 2 appearance configs; target = the textured egg, base_mesh = its shape)
 #       grid<N>_<ref>                                   (car_geometry at dmtet_grid=N, e.g. grid128_mug,
-#                                                        grid256_torus; <ref> in mug, cup, thin_parts, torus)
+#                                                        grid256_torus; <ref> in mug, cup, bowl, thin_parts, torus)
 #       custom_mug                                      (user_mesh_geometry: custom_mesh init from a
 #                                                        coarse mug, target = the full-resolution mug)
 #       <job>_e<K>                                      (the job with emulate_gpus=K: the camera coverage

@@ -6,14 +6,17 @@ Usage: ``python scripts/make_reference_meshes.py OUT_DIR [--resolution 128]`` wr
   whose floor the published cameras never see (see ``CUP``);
 - ``cup.obj``        the same construction, wide and shallow: a cavity the published cameras see
   entirely, genus 1;
+- ``bowl.obj``       a solid puck with a smooth spherical dish in its top: a concave cavity with no
+  crease, genus 0;
 - ``thin_parts.obj`` a stool: a thin round seat on four thin legs joined by a thin ring;
 - ``torus.obj``      a torus lying in the xz plane (genus 1, convex nowhere near the hole);
 - ``textured/textured.obj`` (+ ``.mtl``, ``albedo.png``) an egg-shaped body with lat-long UVs and a
   smooth, low-frequency albedo pattern, the target of appearance recovery;
 - ``manifest.json``  the files with their vertex/face counts, genus and bounding boxes.
 
-The same shapes are importable (``mug_mesh()``, ``cup_mesh()``, ``thin_parts_mesh()``, ``torus_mesh()``,
-``textured_mesh()``, ``write_references(out_dir)``) and return ``trimesh.Trimesh`` objects.
+The same shapes are importable (``mug_mesh()``, ``cup_mesh()``, ``bowl_mesh()``, ``thin_parts_mesh()``,
+``torus_mesh()``, ``textured_mesh()``, ``write_references(out_dir)``) and return ``trimesh.Trimesh``
+objects.
 
 Conventions follow DESIGN.md 4: y up, front faces +z, everything inside the unit sphere so the
 shapes sit in the default grid box ``[-0.5, 0.5]^3 * mesh_scale`` and match what ``custom_mesh``
@@ -138,6 +141,31 @@ def cup_mesh(resolution: int = 128):
     return centre_bbox(sdf_to_mesh(mug_sdf(**CUP), resolution=resolution))
 
 
+def bowl_sdf(radius: float = 0.6, height: float = 0.5, dish_radius: float = 0.5,
+             dish_depth: float = 0.25) -> Sdf:
+    """A solid puck around the y axis whose top is hollowed into a smooth spherical dish."""
+    y0, y1 = -0.5 * height, 0.5 * height
+    body = lambda p: sdf_capped_cylinder_y(p, radius, y0, y1)                       # noqa: E731
+    # The sphere through the dish's rim circle (radius dish_radius at y1) and its lowest point.
+    rho = (dish_radius ** 2 + dish_depth ** 2) / (2.0 * dish_depth)
+    dish = shifted(lambda p: np.linalg.norm(p, axis=1) - rho, (0.0, y1 - dish_depth + rho, 0.0))
+    return lambda p: np.maximum(body(p), -dish(p))
+
+
+# The bowl: a concave cavity with no crease between a wall and a floor. Its surface turns smoothly,
+# so the cavity's depth shows in the normals of every pixel that sees it; the cup's flat floor
+# meets its wall at a crease, and a floor raised or lowered changes only which pixels are floor or
+# wall, which rasterized normals carry no gradient for (quality/session6/README.md). From the car
+# cameras the dish's lowest point needs elevation >= atan(0.25 / 0.5) ~ 27 degrees; points off
+# the axis are seen from lower elevations at the azimuths that put them on the far side.
+BOWL = dict(radius=0.6, height=0.5, dish_radius=0.5, dish_depth=0.25)
+
+
+def bowl_mesh(resolution: int = 128):
+    """A puck with a dish in its top, bounding box centred: about 1.2 x 0.5 x 1.2."""
+    return centre_bbox(sdf_to_mesh(bowl_sdf(**BOWL), resolution=resolution))
+
+
 def thin_parts_sdf(seat_radius: float = 0.6, seat_thickness: float = 0.06, leg_radius: float = 0.035,
                    height: float = 1.2, ring_minor: float = 0.025) -> Sdf:
     """A stool: thin disc seat on four thin legs, the legs tied by a thin ring half-way down."""
@@ -252,7 +280,7 @@ def write_references(out_dir: str | Path, resolution: int = 128) -> dict[str, Pa
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    solids = {"mug": mug_mesh(resolution), "cup": cup_mesh(resolution),
+    solids = {"mug": mug_mesh(resolution), "cup": cup_mesh(resolution), "bowl": bowl_mesh(resolution),
               "thin_parts": thin_parts_mesh(max(resolution, 160)), "torus": torus_mesh()}
     paths: dict[str, Path] = {}
     manifest: dict[str, dict] = {}

@@ -30,7 +30,7 @@ def ref_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # ----------------------------------------------------------------------------------------------
 def test_reference_meshes_have_the_promised_topology(ref_dir: dict[str, Path]) -> None:
     manifest = json.loads((ref_dir["mug"].parent / "manifest.json").read_text())
-    for name in ("mug", "cup", "thin_parts", "torus"):
+    for name in ("mug", "cup", "bowl", "thin_parts", "torus"):
         mesh = trimesh.load(ref_dir[name], process=False, force="mesh")
         mesh.merge_vertices()
         assert mesh.is_watertight, name
@@ -38,7 +38,17 @@ def test_reference_meshes_have_the_promised_topology(ref_dir: dict[str, Path]) -
         assert np.abs(mesh.vertices).max() < 1.0, f"{name}: must fit in the unit cube"
         assert manifest[name]["watertight"]
     assert manifest["mug"]["genus"] == 1 and manifest["cup"]["genus"] == 1 and manifest["torus"]["genus"] == 1
-    assert manifest["thin_parts"]["genus"] >= 1
+    assert manifest["thin_parts"]["genus"] >= 1 and manifest["bowl"]["genus"] == 0
+
+
+def test_bowl_is_a_puck_with_a_dish() -> None:
+    mesh = refs.bowl_mesh(resolution=64)
+    surface = ev.Surface(np.asarray(mesh.vertices, float), np.asarray(mesh.faces, np.int64), "bowl")
+    top, depth = mesh.bounds[1, 1], refs.BOWL["dish_depth"]
+    probes = np.array([[0.0, top - 0.5 * depth, 0.0],      # in the dish, above its lowest point
+                       [0.0, top - depth - 0.05, 0.0],     # solid below the dish
+                       [0.55, top - 0.05, 0.0]])           # the flat rim, outside the dish's radius
+    assert ev.inside(surface, probes).tolist() == [False, True, True]
 
 
 def test_mug_has_a_cavity_and_a_handle_hole() -> None:
