@@ -306,8 +306,8 @@ class Trainer:
         return QueuedStep(it, self.phase.stage(it), round(ms, 2), HostCopy([stats, tail, *dev.values()]), list(dev))
 
     def step_start_event(self, it: int) -> Any | None:
-        """The CUDA event recorded when step `it` began (held until its record is logged); None on
-        CPU or once logged. Benchmarks time consecutive step starts with it."""
+        """The CUDA event recorded when step `it` began; None on CPU, and once the step's record is
+        logged (or two steps on, if it never is). Benchmarks time consecutive step starts with it."""
         events = self._step_events.get(it)
         return None if events is None else events[0]
 

@@ -6,7 +6,7 @@
 #   docs/benchmarks/quality/session6/cpu_standins.sh OUT_DIR [JOB...]
 #
 # JOBs: s0 s1 s1_e8 (appearance, car strategy 0 / 1 / 1 with emulate_gpus=8; target = textured egg)
-#       {thin,cup,bowl}_g32[_e8] (car_geometry at grid 32; thin = thin_parts)
+#       {thin,cup,bowl}_g<N>[_e8] (car_geometry at grid N; thin = thin_parts)
 # Writes OUT_DIR/<job>.eval.json (scripts/evaluate.py) and prints one line per job.
 set -euo pipefail
 out=$(realpath -m "$1"); shift
@@ -22,9 +22,9 @@ for job in "${jobs[@]}"; do
     s0|s1) cfg=configs/car_appearance_strategy${job:1:1}.json; ref=$tex; images=albedo
        args=(target_mesh=$tex base_mesh=$tex train_res=[128,128] iter=600 coarse_iter=100
              texture_res=[512,512] env_res=64) ;;
-    thin_g32|cup_g32|bowl_g32) cfg=configs/car_geometry.json; name=${job%%_*}; [ "$name" = thin ] && name=thin_parts
-       ref=$refs/$name.obj; images=normal
-       args=(target_mesh=$ref dmtet_grid=32 train_res=[128,128] iter=240 coarse_iter=120) ;;
+    *_g[0-9]*) cfg=configs/car_geometry.json; name=${job%%_*}; [ "$name" = thin ] && name=thin_parts
+       grid=${job#*_g}; grid=${grid%_e8}; ref=$refs/$name.obj; images=normal
+       args=(target_mesh=$ref dmtet_grid=$grid train_res=[128,128] iter=240 coarse_iter=120) ;;
     *) echo "unknown job $job" >&2; exit 2 ;;
   esac
   run=$out/$job
