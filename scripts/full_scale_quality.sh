@@ -8,8 +8,8 @@
 #         pineapple strategy 2 appearance configs; target = the textured egg, base_mesh = its shape)
 #       grid<N>_<ref>                                   (car_geometry at dmtet_grid=N, e.g. grid128_mug,
 #                                                        grid256_torus; <ref> in mug, cup, bowl, thin_parts, torus)
-#       custom_mug                                      (user_mesh_geometry: custom_mesh init from a
-#                                                        coarse mug, target = the full-resolution mug)
+#       custom_<ref>                                    (user_mesh_geometry: custom_mesh init from a
+#                                                        coarse <ref>, target = the full-resolution one)
 #       <job>_e<K>                                      (the job with emulate_gpus=K: the camera coverage
 #                                                        per step of K GPUs; the car configs are the
 #                                                        published 8-GPU ones, so e.g. grid128_cup_e8)
@@ -38,9 +38,9 @@ for job in "$@"; do
     appearance_s2) args=(--config configs/pineapple_appearance_strategy2_single_gpu.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     grid*_*) name=${base#*_}; n=${base%%_*}; n=${n#grid}
       args=(--config configs/car_geometry.json dmtet_grid=$n target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
-    custom_mug)
-      [ -f "$refs/coarse/mug.obj" ] || python3 scripts/make_reference_meshes.py "$refs/coarse" --resolution 24 >/dev/null
-      args=(--config configs/user_mesh_geometry.json base_mesh=$refs/coarse/mug.obj target_mesh=$refs/mug.obj); ref=$refs/mug.obj; images=normal ;;
+    custom_*) name=${base#custom_}
+      [ -f "$refs/coarse/$name.obj" ] || python3 scripts/make_reference_meshes.py "$refs/coarse" --resolution 24 >/dev/null
+      args=(--config configs/user_mesh_geometry.json base_mesh=$refs/coarse/$name.obj target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
     *) echo "unknown job $job" >&2; exit 2 ;;
   esac
   args+=("${emulate[@]}")
