@@ -196,7 +196,9 @@ class Trainer:
         if info.world_size * self.micro_steps < 4:
             warnings.warn(f"each optimizer step draws cameras from {info.world_size * self.micro_steps} sector "
                           f"draw(s), fewer than the 4 (front/left/back/right) the published multi-GPU runs "
-                          f"covered every step; emulate_gpus=4 (or 8) reproduces that coverage", stacklevel=2)
+                          f"covered every step; emulate_gpus=8 reproduces their 8 GPUs' views per step (fewer "
+                          f"views slow appearance strategy 1 and can collapse thin parts: README, "
+                          f"Troubleshooting), emulate_gpus=4 the sectors alone", stacklevel=2)
 
     # -------------------------------------------------------------------------------- checkpoints
     @property
