@@ -7,6 +7,7 @@
 #
 # JOBs: s0 s1 s1_e8 (appearance, car strategy 0 / 1 / 1 with emulate_gpus=8; target = textured egg)
 #       {thin,cup,bowl}_g<N>[_e8] (car_geometry at grid N; thin = thin_parts)
+#       init_<ref>_g<N>       (the same, initialized from the reference's coarse version, custom_mesh)
 # Writes OUT_DIR/<job>.eval.json (scripts/evaluate.py) and prints one line per job.
 set -euo pipefail
 out=$(realpath -m "$1"); shift
@@ -22,6 +23,11 @@ for job in "${jobs[@]}"; do
     s0|s1) cfg=configs/car_appearance_strategy${job:1:1}.json; ref=$tex; images=albedo
        args=(target_mesh=$tex base_mesh=$tex train_res=[128,128] iter=600 coarse_iter=100
              texture_res=[512,512] env_res=64) ;;
+    init_*_g[0-9]*) cfg=configs/car_geometry.json; name=${job#init_}; name=${name%%_g*}; grid=${job##*_g}
+       [ -f "$refs/coarse/$name.obj" ] || python3 scripts/make_reference_meshes.py "$refs/coarse" --resolution 24 >/dev/null
+       ref=$refs/$name.obj; images=normal
+       args=(target_mesh=$ref dmtet_grid=${grid%_e8} train_res=[128,128] iter=240 coarse_iter=120
+             sdf_init_shape=custom_mesh sdf_init_shape_scale=[1,1,1] base_mesh=$refs/coarse/$name.obj) ;;
     *_g[0-9]*) cfg=configs/car_geometry.json; name=${job%%_*}; [ "$name" = thin ] && name=thin_parts
        grid=${job#*_g}; grid=${grid%_e8}; ref=$refs/$name.obj; images=normal
        args=(target_mesh=$ref dmtet_grid=$grid train_res=[128,128] iter=240 coarse_iter=120) ;;
