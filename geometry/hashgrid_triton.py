@@ -72,6 +72,21 @@ def _level_cell(tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl):
 
 
 @triton.jit
+def _corner(c: tl.constexpr, fx, fy, fz, x0, y0, z0, res_i, dense, level_off, HASH_MASK: tl.constexpr):
+    """Corner c of the cell (bit 0: x, 1: y, 2: z set = the far corner on that axis): its trilinear
+    weights per axis (wx, wy, wz) and its table rows. `c` is a compile-time constant (the
+    callers' unrolled loop), so the offsets and the choice of weight are resolved at compile time."""
+    ox = c & 1
+    oy = (c >> 1) & 1
+    oz = (c >> 2) & 1
+    wx = fx if ox == 1 else 1.0 - fx
+    wy = fy if oy == 1 else 1.0 - fy
+    wz = fz if oz == 1 else 1.0 - fz
+    rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
+    return wx, wy, wz, rows
+
+
+@triton.jit
 def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_ptr, off_ptr, N,
                      L: tl.constexpr, F: tl.constexpr, HASH_MASK: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -87,16 +102,8 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_p
         tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
     acc = tl.zeros((BLOCK, F), dtype=tl.float32)
     for c in tl.static_range(8):
-        # Corner offsets are compile-time constants (unrolled loop); plain names, since
-        # an annotated constexpr cannot be reassigned across unrolled iterations.
-        ox = c & 1
-        oy = (c >> 1) & 1
-        oz = (c >> 2) & 1
-        wx = fx if ox == 1 else 1.0 - fx
-        wy = fy if oy == 1 else 1.0 - fy
-        wz = fz if oz == 1 else 1.0 - fz
+        wx, wy, wz, rows = _corner(c, fx, fy, fz, x0, y0, z0, res_i, dense, level_off, HASH_MASK)
         w = wx * wy * wz
-        rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
         feat = tl.load(table_ptr + rows[:, None] * F + fr[None, :], mask=mask[:, None], other=0.0)
         acc += w[:, None] * feat
     tl.store(out_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], acc, mask=mask[:, None])
@@ -133,15 +140,7 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
         lgy = tl.zeros((BLOCK,), dtype=tl.float32)
         lgz = tl.zeros((BLOCK,), dtype=tl.float32)
         for c in tl.static_range(8):
-            # Corner offsets are compile-time constants (unrolled loop); plain names, since
-            # an annotated constexpr cannot be reassigned across unrolled iterations.
-            ox = c & 1
-            oy = (c >> 1) & 1
-            oz = (c >> 2) & 1
-            wx = fx if ox == 1 else 1.0 - fx
-            wy = fy if oy == 1 else 1.0 - fy
-            wz = fz if oz == 1 else 1.0 - fz
-            rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
+            wx, wy, wz, rows = _corner(c, fx, fy, fz, x0, y0, z0, res_i, dense, level_off, HASH_MASK)
             ptrs = rows[:, None] * F + fr[None, :]
             if NEED_TABLE:
                 w = wx * wy * wz
@@ -150,9 +149,9 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
                 feat = tl.load(table_ptr + ptrs, mask=mask[:, None], other=0.0)
                 dot = tl.sum(feat * g, axis=1)  # dL/dw for this corner
                 # d wx / d fx = +1 for the far corner, -1 for the near one (same for y, z).
-                sx = 1.0 if ox == 1 else -1.0
-                sy = 1.0 if oy == 1 else -1.0
-                sz = 1.0 if oz == 1 else -1.0
+                sx = 1.0 if (c & 1) == 1 else -1.0
+                sy = 1.0 if ((c >> 1) & 1) == 1 else -1.0
+                sz = 1.0 if ((c >> 2) & 1) == 1 else -1.0
                 lgx += dot * (sx * wy * wz)
                 lgy += dot * (wx * sy * wz)
                 lgz += dot * (wx * wy * sz)
