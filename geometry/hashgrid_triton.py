@@ -72,18 +72,21 @@ def _level_cell(tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl):
 
 
 @triton.jit
-def _corner(c: tl.constexpr, fx, fy, fz, x0, y0, z0, res_i, dense, level_off, HASH_MASK: tl.constexpr):
-    """Corner c of the cell (bit 0: x, 1: y, 2: z set = the far corner on that axis): its trilinear
-    weights per axis (wx, wy, wz) and its table rows. `c` is a compile-time constant (the
-    callers' unrolled loop), so the offsets and the choice of weight are resolved at compile time."""
-    ox = c & 1
-    oy = (c >> 1) & 1
-    oz = (c >> 2) & 1
-    wx = fx if ox == 1 else 1.0 - fx
-    wy = fy if oy == 1 else 1.0 - fy
-    wz = fz if oz == 1 else 1.0 - fz
-    rows = _level_rows(x0 + ox, y0 + oy, z0 + oz, res_i, dense, level_off, HASH_MASK)
-    return wx, wy, wz, rows
+def _corner_weights(c: tl.constexpr, fx, fy, fz):
+    """Trilinear weights per axis (wx, wy, wz) of corner c of the cell (bit 0: x, 1: y, 2: z set =
+    the far corner on that axis). `c` is a compile-time constant (the callers' unrolled loop)."""
+    wx = fx if (c & 1) == 1 else 1.0 - fx
+    wy = fy if ((c >> 1) & 1) == 1 else 1.0 - fy
+    wz = fz if ((c >> 2) & 1) == 1 else 1.0 - fz
+    return wx, wy, wz
+
+
+@triton.jit
+def _corner_rows(c: tl.constexpr, x0, y0, z0, res_i, dense, level_off, HASH_MASK: tl.constexpr):
+    """Table rows of corner c of the cells at (x0, y0, z0). Kept apart from the weights so each
+    kernel orders the two as its measured version did (the PTX then matches it op for op)."""
+    return _level_rows(x0 + (c & 1), y0 + ((c >> 1) & 1), z0 + ((c >> 2) & 1), res_i, dense, level_off,
+                       HASH_MASK)
 
 
 @triton.jit
@@ -102,8 +105,9 @@ def _hash_fwd_kernel(x_ptr, table_ptr, out_ptr, lo_ptr, hi_ptr, res_ptr, dense_p
         tx, ty, tz, res_ptr, dense_ptr, off_ptr, lvl)
     acc = tl.zeros((BLOCK, F), dtype=tl.float32)
     for c in tl.static_range(8):
-        wx, wy, wz, rows = _corner(c, fx, fy, fz, x0, y0, z0, res_i, dense, level_off, HASH_MASK)
+        wx, wy, wz = _corner_weights(c, fx, fy, fz)
         w = wx * wy * wz
+        rows = _corner_rows(c, x0, y0, z0, res_i, dense, level_off, HASH_MASK)
         feat = tl.load(table_ptr + rows[:, None] * F + fr[None, :], mask=mask[:, None], other=0.0)
         acc += w[:, None] * feat
     tl.store(out_ptr + n64[:, None] * (L * F) + lvl * F + fr[None, :], acc, mask=mask[:, None])
@@ -140,7 +144,8 @@ def _hash_bwd_kernel(x_ptr, table_ptr, gout_ptr, gtable_ptr, gx_ptr, lo_ptr, hi_
         lgy = tl.zeros((BLOCK,), dtype=tl.float32)
         lgz = tl.zeros((BLOCK,), dtype=tl.float32)
         for c in tl.static_range(8):
-            wx, wy, wz, rows = _corner(c, fx, fy, fz, x0, y0, z0, res_i, dense, level_off, HASH_MASK)
+            wx, wy, wz = _corner_weights(c, fx, fy, fz)
+            rows = _corner_rows(c, x0, y0, z0, res_i, dense, level_off, HASH_MASK)
             ptrs = rows[:, None] * F + fr[None, :]
             if NEED_TABLE:
                 w = wx * wy * wz

@@ -2,8 +2,10 @@
 
     python docs/benchmarks/perf/session6/dump_hashgrid_ptx.py OUT_DIR   (from the repository root)
 
-Used to check a refactor of the kernels' source when no GPU is lent: compare two trees' PTX with
-the debug lines (.loc, .file, debug sections) removed.
+Used to check a refactor of the kernels' source when no GPU is lent. Besides NAME.ptx it writes
+NAME.body: the kernel's instructions alone (no .loc lines, comments, labels or debug sections), so
+`diff -r DIR_A DIR_B` on two trees' outputs compares code. Use the Triton version of the GPU
+machine (3.6.0 with torch 2.11): PTX differs between Triton versions (session 7 README).
 """
 import inspect
 import os
@@ -31,5 +33,10 @@ for nt in (True, False):
             jobs[f"bwd_t{int(nt)}_x{int(nx)}"] = (h._hash_bwd_kernel, bwd, {**cx, "NEED_TABLE": nt, "NEED_X": nx})
 for name, (fn, sig, c) in jobs.items():
     k = triton.compile(ASTSource(fn=fn, signature=order(fn, sig), constexprs=c), target=GPUTarget("cuda", 90, 32), options=h._COMPILE_OPTS)
-    open(f"{out}/{name}.ptx", "w").write(k.asm["ptx"])
+    ptx = k.asm["ptx"]
+    open(f"{out}/{name}.ptx", "w").write(ptx)
+    entry = ptx[ptx.index(".visible .entry"):]
+    entry = entry[:entry.index("\n}") + 2]
+    body = [ln for ln in entry.splitlines() if ln.strip() and not ln.strip().startswith((".loc", "//", "$L__"))]
+    open(f"{out}/{name}.body", "w").write("\n".join(body) + "\n")
     print(name, len(k.asm["ptx"].splitlines()), "lines")
