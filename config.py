@@ -228,6 +228,9 @@ class Config:
     translation_y: float = _k(0, _float, "translation of the initial shape along y")
     translation_z: float = _k(0, _float, "translation of the initial shape along z")
     sdf_init_iter: int = _k(400, integer(0), "SDF pretraining iterations before SDS")
+    sdf_regularizer: float = _k(0.0, number(0.0), "nvdiffrec's SDF sign-change regularizer weight (floaters, "
+                                "hidden sheets), falling to 1/20 of it over the first quarter of the run; 0 "
+                                "(the published Fantasia3D) turns it off, nvdiffrec used 0.2")
     if_flip_the_normal: bool = _k(False, boolean, "negate positive normal x in the coarse stage (anti-Janus)")
     base_mesh: str | None = _k(None, path_or_none, "mesh: custom_mesh init (geometry) or the mesh to texture (appearance)")
     ref_mesh: str | None = _k(None, path_or_none, "published: unused reference mesh")

@@ -160,7 +160,14 @@ class GeometryPhase:
         x = self.render(surf.verts, surf.faces, cams, stage)
         sds = self.guide(x, stage, it, cams, generator, draw)
         used = torch.tensor(self.capacity.capacity)            # host values: the buffers this step had
-        return StepResult(loss=sds.loss, sds=sds, device_values={"surface": surf.counts, "capacity": used})
+        values = {"surface": surf.counts, "capacity": used}
+        loss = sds.loss
+        if self.cfg.sdf_regularizer > 0:
+            from geometry.dmtet import sdf_regularizer_weight
+            reg = surf.sign_change_loss()
+            values["sdf_reg"] = reg.detach()
+            loss = loss + sdf_regularizer_weight(self.cfg.sdf_regularizer, it, self.cfg.iter) * reg
+        return StepResult(loss=loss, sds=sds, device_values=values)
 
     def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
         """The step's surface size for the log; resizes the surface buffers (see CapacityPlanner)."""
@@ -174,7 +181,10 @@ class GeometryPhase:
                   f"vertices / edge ends {' / '.join(map(str, counts[1:]))} for buffers of {used.tets} / {used.two} / "
                   f"{used.verts} / {used.verts + 1}); that step rendered it without some triangles. The buffers have "
                   "been enlarged.", file=sys.stderr, flush=True)
-        return {"faces": float(counts[1] + counts[2])}
+        record = {"faces": float(counts[1] + counts[2])}
+        if "sdf_reg" in values:
+            record["sdf_reg"] = values["sdf_reg"][0]
+        return record
 
     def _normals(self, cams: CameraBatch) -> np.ndarray:
         verts, faces = self.geo.extract()

@@ -295,6 +295,15 @@ class PaddedSurface(NamedTuple):
     verts: torch.Tensor
     faces: torch.Tensor
     counts: torch.Tensor
+    # ([capacity.verts + 1, 1] x 2): the SDF at the two ends (a, b) of each output vertex's edge,
+    # with gradients, and [capacity.verts + 1] bool: the row is a crossing edge (not fill). All
+    # that the sign-change regularizer needs; kept as made (no kernel) for steps without it.
+    edge_sdf: tuple[torch.Tensor, torch.Tensor] | None = None
+    edge_ok: torch.Tensor | None = None
+
+    def sign_change_loss(self) -> torch.Tensor:
+        """sdf_sign_change_loss of the grid this surface came from (0-dim)."""
+        return sign_change_bce(torch.cat(self.edge_sdf, 1), self.edge_ok)
 
     @staticmethod
     def overflow(counts: Sequence[int], capacity: SurfaceCapacity) -> bool:
@@ -341,7 +350,8 @@ def _marching_tets_core(verts_vx3: torch.Tensor, sdf_v: torch.Tensor, tets_tx4: 
     st = _surface_topology(sdf_v.detach(), tets_tx4, topo, capacity)
     s_a, s_b = gather_rows(sdf_v, st.ia)[:, None], gather_rows(sdf_v, st.ib)[:, None]
     p_a, p_b = gather_rows(verts_vx3, st.ia), gather_rows(verts_vx3, st.ib)
-    return PaddedSurface(_edge_vertices(s_a, s_b, p_a, p_b, st.v_ok), st.faces, st.counts)
+    return PaddedSurface(_edge_vertices(s_a, s_b, p_a, p_b, st.v_ok), st.faces, st.counts, (s_a, s_b),
+                         st.v_ok[:, 0])
 
 
 class _SurfaceTopology(NamedTuple):
@@ -503,17 +513,27 @@ class CapacityPlanner:
 def sdf_sign_change_loss(sdf_v: torch.Tensor, edges_ex2: torch.Tensor) -> torch.Tensor:
     """nvdiffrec's SDF regularizer: BCE-with-logits on tet edges whose endpoints change sign.
 
-    For each crossing edge (a, b), s_a is pushed towards the sign of s_b and vice versa, which
-    discourages floaters and spurious sign flips. Symmetric under sdf -> -sdf, so it does not care
-    about the inside sign. Returns a scalar; zero (still attached to the graph) without crossings.
+    sdf_v [V], edges_ex2 [E, 2] int64 grid vertex pairs. For each crossing edge (a, b), s_a is
+    pushed towards the sign of s_b and vice versa, which removes floaters and internal sheets that
+    no view sees. Symmetric under sdf -> -sdf, so it does not care about the inside sign. Returns a
+    scalar; zero (still attached to the graph) without crossings.
     """
     s = sdf_v[edges_ex2.reshape(-1)].reshape(-1, 2)
-    crossing = torch.sign(s[:, 0]) != torch.sign(s[:, 1])
-    s = s[crossing]
-    if s.shape[0] == 0:
-        return sdf_v.sum() * 0.0
-    bce = nn.functional.binary_cross_entropy_with_logits
-    return (bce(s[:, 0], (s[:, 1] > 0).to(s.dtype)) + bce(s[:, 1], (s[:, 0] > 0).to(s.dtype)))
+    return sign_change_bce(s, torch.sign(s[:, 0]) != torch.sign(s[:, 1]))
+
+
+def sign_change_bce(s_ex2: torch.Tensor, ok_e: torch.Tensor) -> torch.Tensor:
+    """Mean over the rows where `ok_e` [E] of BCE(s_a, s_b > 0) + BCE(s_b, s_a > 0), s_ex2 [E, 2]
+    (nvdiffrec's two means summed); 0 without such rows. Rows outside `ok_e` get no gradient."""
+    target = (s_ex2.detach().flip(1) > 0).to(s_ex2.dtype)
+    bce = nn.functional.binary_cross_entropy_with_logits(s_ex2, target, reduction="none").sum(1)   # [E]
+    return torch.where(ok_e, bce, 0.0).sum() / ok_e.sum().clamp(min=1)
+
+
+def sdf_regularizer_weight(weight: float, it: int, iters: int) -> float:
+    """nvdiffrec's schedule: `weight` at the start, falling linearly to weight / 20 at a quarter of
+    the run, then constant."""
+    return weight - (weight - weight / 20) * min(1.0, 4.0 * it / iters)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -610,7 +630,7 @@ class DMTetGeometry(nn.Module):
         # Only when the ends outgrew their buffer (counted, reported late): drop faces that use them
         # (pad faces come out as they went in: the same row gives the same pad vertex).
         faces = _pad_faces(st.faces, v_ok[:, 0][st.faces].all(1), v_ok.shape[0])
-        return PaddedSurface(verts, faces, torch.cat([st.counts, n_ends.view(1)]))
+        return PaddedSurface(verts, faces, torch.cat([st.counts, n_ends.view(1)]), (s_a, s_b), v_ok[:, 0])
 
     def check_counts(self, counts: Sequence[int]) -> None:
         """Raise for host-read PaddedSurface counts of a broken surface: a non-finite SDF
@@ -626,9 +646,6 @@ class DMTetGeometry(nn.Module):
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces, _ = self.extract_with_sdf()
         return verts, faces
-
-    def sdf_reg_loss(self, sdf_v: torch.Tensor) -> torch.Tensor:
-        return sdf_sign_change_loss(sdf_v, self.edges)
 
     def mesh(self, with_normals: bool = True):
         """The current surface as a render.mesh.Mesh (area-weighted vertex normals by default)."""

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from geometry.dmtet import (TET_CACHE_DIR, DMTetGeometry, EmptyMeshError, TetGridError,
-                            marching_tets, sdf_sign_change_loss, tet_edges, tet_grid, tet_topology)
+                            marching_tets, sdf_regularizer_weight, sdf_sign_change_loss, tet_edges, tet_grid,
+                            tet_topology)
 from geometry.hashgrid import HashGridOptions
 
 SMALL_GRID = HashGridOptions(log2_hashmap_size=12)  # keeps CPU tests fast; defaults tested elsewhere
@@ -162,6 +163,57 @@ def test_sdf_sign_change_loss() -> None:
     assert torch.isclose(loss, expected)
     loss.backward()
     assert sdf.grad[0] < 0 and sdf.grad[1] > 0 and sdf.grad[2] == 0  # pulls both towards zero
+
+
+def test_sdf_regularizer_weight_follows_nvdiffrec_schedule() -> None:
+    assert sdf_regularizer_weight(0.2, 0, 1000) == 0.2
+    assert sdf_regularizer_weight(0.2, 125, 1000) == pytest.approx(0.2 - 0.19 / 2)     # half way down
+    assert sdf_regularizer_weight(0.2, 250, 1000) == pytest.approx(0.01)                # 1/20 at a quarter
+    assert sdf_regularizer_weight(0.2, 1000, 1000) == pytest.approx(0.01)               # then constant
+
+
+def test_sdf_regularizer_removes_a_hidden_bubble_and_keeps_the_seen_surface() -> None:
+    """A solid sphere with a bubble inside: the bubble's surface is never seen, so the image loss
+    leaves it there; the sign-change regularizer fills it, while the image loss keeps the sphere.
+    A free SDF per grid vertex (no network) so the test shows the loss itself."""
+    from dataset.cameras import CameraOptions, validation_cameras
+    from geometry.dmtet import SurfaceCapacity, marching_tets_padded
+    from render import raster
+    from render.normal_render import render_normal_mask
+    v, t = tet_grid(24)
+    v, t = torch.from_numpy(v).float() * 2.0, torch.from_numpy(t)
+    topo = tet_topology(t)
+    sphere = v.norm(dim=1) - 0.75
+    bubble_center = torch.tensor([0.15, 0.1, 0.0])
+    with_bubble = torch.maximum(sphere, 0.3 - (v - bubble_center).norm(dim=1))   # > 0 inside the bubble
+    in_bubble = (v - bubble_center).norm(dim=1) < 0.25
+    ctx = raster.make_context("cpu", "torch")
+    cams = validation_cameras(CameraOptions(resolution=(64, 64)), "cpu", n=6, elevation_deg=20.0)
+    capacity = SurfaceCapacity(20_000, 5_000, 20_000)
+
+    def render(sdf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        surf = marching_tets_padded(v, sdf, t, topo, capacity)
+        return render_normal_mask(ctx, surf.verts, surf.faces, cams.mvp, cams.campos, cams.resolution), surf
+
+    with torch.no_grad():
+        target = render(sphere)[0]
+    for weight in (0.0, 0.01):
+        sdf = with_bubble.clone().requires_grad_(True)
+        opt = torch.optim.Adam([sdf], lr=0.01)
+        for _ in range(60):
+            img, surf = render(sdf)
+            loss = ((img - target) ** 2).mean() + weight * surf.sign_change_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sdf = sdf.detach()
+        bubble_left = int((sdf[in_bubble] > 0).sum())
+        if weight == 0:
+            assert bubble_left == int(in_bubble.sum()) > 10    # unseen: the images cannot remove it
+        else:
+            assert bubble_left == 0
+            vertex_iou = float(((sdf < 0) & (sphere < 0)).sum() / ((sdf < 0) | (sphere < 0)).sum())
+            assert vertex_iou > 0.9 and float(((img.detach() - target) ** 2).mean()) < 2e-3   # the sphere stays
 
 
 def test_tet_edges_unique_sorted() -> None:
@@ -425,11 +477,17 @@ def test_geometry_extract_padded_matches_marching_tets_on_every_vertex() -> None
         else:
             sdf, deform = geo.sdf_and_deform()
             surf = marching_tets_padded(geo.deformed_verts(deform), sdf, geo.tets, geo.topology, planner.capacity)
+            # The sign-change regularizer of the padded surfaces is the full grid's (float rounding).
+            reg_grid = sdf_sign_change_loss(sdf, geo.edges)
         w = torch.linspace(-1, 1, surf.verts.numel()).reshape(surf.verts.shape)
-        grads.append(torch.autograd.grad((surf.verts * w).sum(), params, allow_unused=True))
+        objective = (surf.verts * w).sum() + surf.sign_change_loss()
+        grads.append(torch.autograd.grad(objective, params, allow_unused=True))
         outs.append(surf)
     lazy, full = outs
     assert torch.equal(lazy.verts, full.verts) and torch.equal(lazy.faces, full.faces)
+    assert torch.equal(lazy.edge_ok, full.edge_ok) and int(full.edge_ok.sum()) == int(full.counts[3])
+    torch.testing.assert_close(lazy.sign_change_loss(), reg_grid, rtol=1e-6, atol=0)
+    torch.testing.assert_close(full.sign_change_loss(), reg_grid, rtol=1e-6, atol=0)
     assert lazy.counts[:4].tolist() == full.counts.tolist() and int(full.counts[1]) > 100
     # Distinct crossing-edge ends: between half the edges and all of them, never past the buffer.
     n_ends, n_cross = int(lazy.counts[4]), int(full.counts[3])
