@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A queue of GPU work that outlives the device tool's 10-minute calls: start it in one call, then
+# collect its results in the next ones (the machine stays warm between back-to-back calls).
+#
+#   . .whl/gpu_env.sh .whl && bash scripts/gpu_queue.sh start QUEUE_FILE [WAIT_S]   # first call
+#   . .whl/gpu_env.sh .whl && bash scripts/gpu_queue.sh collect [WAIT_S]            # later calls
+#
+# `start` copies this tree to /tmp/gq/repo and runs the queue there in its own process session;
+# both modes then wait up to WAIT_S seconds (default 570) and pack what is done into
+# $OUT/results.tgz (logs, eval_<tag>.json, the running job's last output) and $OUT/meshes.tgz
+# (each finished geometry job's mesh as binary PLY), printing a table last.
+# QUEUE_FILE lines, run in order ('#' starts a comment):
+#   quality TAG JOB [key=value ...]   scripts/full_scale_quality.sh JOB on all GPUs (torchrun), the
+#                                     key=value overrides added (EXTRA); results named TAG
+#   shell TAG COMMAND...              any command, run from the tree's root; output in TAG.log
+set -u
+q=/tmp/gq
+mode=$1
+if [ "$mode" = start ]; then
+  queue=$(realpath "$2"); wait_s=${3:-570}
+  rm -rf $q; mkdir -p $q/out $q/meshes
+  cp -r "$(cd "$(dirname "$0")/.." && pwd)" $q/repo
+  cp "$queue" $q/queue.txt
+  setsid nohup bash $q/repo/scripts/gpu_queue.sh run > $q/queue.log 2>&1 < /dev/null &
+elif [ "$mode" = run ]; then
+  cd $q/repo; o=$q/out
+  gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -gt 0 ] || gpus=1   # CPU: one process (a dry run)
+  grep -v '^\s*#' $q/queue.txt | grep -v '^\s*$' | while read -r kind tag rest; do
+    echo "$tag" > $q/running.txt
+    if [ "$kind" = shell ]; then
+      bash -c "$rest" > $o/$tag.log 2>&1; echo "rc $?" >> $o/$tag.log
+    else
+      read -r job extra <<< "$rest"
+      LAUNCH="torchrun --standalone --nproc_per_node=$gpus" RUNS=$q/runs/$tag EXTRA="${extra:-}" \
+        scripts/full_scale_quality.sh $q/evals/$tag "$job" > $o/$tag.log 2>&1 || echo "$tag failed" >> $o/failed.txt
+      cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
+      tail -c 3000 $q/runs/$tag/$job.stdout | tr '\r' '\n' | tail -8 > $o/$tag.stdout.end
+      mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
+      [ -f "$mesh" ] && python3 -c "import sys, trimesh; trimesh.load(sys.argv[1], force='mesh', process=False).export(sys.argv[2])" \
+        "$mesh" $q/meshes/$tag.ply
+    fi
+    echo "$tag" >> $q/done.txt
+  done
+  echo ALL_DONE >> $q/done.txt
+  exit 0
+else
+  wait_s=${2:-570}
+fi
+# start and collect: wait, then pack what is done
+[ -d $q ] || { echo "no queue on this machine (a fresh machine): run start again"; exit 1; }
+end=$((SECONDS + wait_s))
+while [ $SECONDS -lt $end ] && ! grep -q ALL_DONE $q/done.txt 2>/dev/null; do sleep 5; done
+running=$(cat $q/running.txt 2>/dev/null)
+if ! grep -q ALL_DONE $q/done.txt 2>/dev/null && [ -n "$running" ]; then   # the job still running
+  tail -c 3000 $q/runs/$running/*.stdout 2>/dev/null | tr '\r' '\n' | tail -8 > $q/out/$running.running.end
+fi
+tar -czf "$OUT/results.tgz" -C $q out queue.log queue.txt
+tar -czf "$OUT/meshes.tgz" -C $q meshes
+echo "done: $(tr '\n' ' ' < $q/done.txt 2>/dev/null)"
+for f in $q/out/eval_*.json; do
+  [ -f "$f" ] && python3 -c "import json, sys; d = json.load(open(sys.argv[1])); e = d['eval']
+print(sys.argv[1].split('/')[-1], d['wall_s'], 's', 'chamfer %.3f%%' % (100 * e['chamfer']), 'iou %.3f' % e['iou'], 'psnr %.2f' % e['psnr'], e['image_kind'])" "$f"
+done
+cat $q/out/failed.txt 2>/dev/null
+exit 0
