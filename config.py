@@ -220,6 +220,9 @@ class Config:
                             "near / far clip planes")
     # ---- geometry ---------------------------------------------------------------------------
     dmtet_grid: int = _k(64, integer(8, 512), "tet grid resolution")
+    dmtet_grid_coarse: int | None = _k(None, lambda v: None if v is None else integer(8, 512)(v),
+                                       "tet grid of the coarse stage (e.g. 64 under dmtet_grid=128: carve "
+                                       "cavities first, refine after); null: dmtet_grid throughout, as published")
     mesh_scale: float = _k(2.1, number(0.0, lo_open=True), "tet grid box size")
     sdf_init_shape: str = _k("ellipsoid", choice(*INIT_SHAPES), "initial shape of the SDF")
     sdf_init_shape_scale: list = _k([1.0, 1.0, 1.0], vector(3, number(0.0, lo_open=True), "positive numbers"),

@@ -119,7 +119,7 @@ class GeometryPhase:
         from geometry.dmtet import CapacityPlanner, DMTetGeometry
         self.cfg, self.info, self.run_dir = cfg, info, run_dir
         self.ctx = raster.make_context(info.device, cfg.raster_backend)
-        self.geo = DMTetGeometry(cfg.dmtet_grid, cfg.mesh_scale, backend=cfg.encoder_backend, device=info.device)
+        self.geo = DMTetGeometry(self.grid_at(1), cfg.mesh_scale, backend=cfg.encoder_backend, device=info.device)
         # Training extracts the surface into fixed-size buffers, so the host never waits for the
         # surface's size; the sizes are read one step late (read_step) to resize the buffers.
         self.capacity = CapacityPlanner()
@@ -138,6 +138,17 @@ class GeometryPhase:
     def stage(self, it: int) -> str:
         return "geometry_coarse" if it <= self.cfg.coarse_iter else "geometry_fine"
 
+    def grid_at(self, it: int) -> int:
+        """The tet grid of iteration `it`: dmtet_grid_coarse (when set) in the coarse stage."""
+        coarse = self.cfg.dmtet_grid_coarse
+        return coarse if coarse is not None and it <= self.cfg.coarse_iter else self.cfg.dmtet_grid
+
+    def _use_grid(self, grid_res: int) -> None:
+        from geometry.dmtet import CapacityPlanner
+        if grid_res != self.geo.grid_res:
+            self.geo.set_grid(grid_res)
+            self.capacity = CapacityPlanner()   # sized afresh from the new grid's first surface
+
     def prepare(self, resumed: bool) -> None:
         """SDF pretraining towards the initial shape (skipped when resuming: the weights are loaded)."""
         if resumed or self.cfg.sdf_init_iter == 0:
@@ -155,12 +166,13 @@ class GeometryPhase:
 
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         stage = self.stage(it)
+        self._use_grid(self.grid_at(it))
         draw = self.guide.draw(stage, it, cams, generator)     # queued before the render's host waits
         surf = self.geo.extract_padded(self.capacity)
         x = self.render(surf.verts, surf.faces, cams, stage)
         sds = self.guide(x, stage, it, cams, generator, draw)
         used = torch.tensor(self.capacity.capacity)            # host values: the buffers this step had
-        values = {"surface": surf.counts, "capacity": used}
+        values = {"surface": surf.counts, "capacity": used, "grid": torch.tensor([self.geo.grid_res])}
         loss = sds.loss
         if self.cfg.sdf_regularizer > 0:
             from geometry.dmtet import sdf_regularizer_weight
@@ -175,7 +187,8 @@ class GeometryPhase:
         counts = [int(c) for c in values["surface"]]
         self.geo.check_counts(counts)
         used = SurfaceCapacity(*(int(c) for c in values["capacity"]))
-        self.capacity.update(counts)
+        if int(values["grid"][0]) == self.geo.grid_res:   # not a step on the grid before a switch
+            self.capacity.update(counts)
         if PaddedSurface.overflow(counts, used) and self.info.is_main:
             print(f"\nwarning: iteration {it}: the surface outgrew its buffers (crossing tets / two-triangle tets / "
                   f"vertices / edge ends {' / '.join(map(str, counts[1:]))} for buffers of {used.tets} / {used.two} / "
@@ -219,10 +232,12 @@ class GeometryPhase:
     def state_dict(self) -> dict[str, Any]:
         # The surface buffers' sizes too: a resumed run pads (and so renders) exactly as the straight one.
         cap = self.capacity.capacity
-        return {"geometry": self.geo.state_dict(), "surface_capacity": None if cap is None else list(cap)}
+        return {"geometry": self.geo.state_dict(), "surface_capacity": None if cap is None else list(cap),
+                "grid_res": self.geo.grid_res}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from geometry.dmtet import SurfaceCapacity
+        self.geo.set_grid(state.get("grid_res", self.geo.grid_res))   # the grid the buffers were saved on
         self.geo.load_state_dict(state["geometry"])
         cap = state.get("surface_capacity")          # absent in checkpoints written before it existed
         self.capacity.capacity = None if cap is None else SurfaceCapacity(*cap)

@@ -554,19 +554,29 @@ class DMTetGeometry(nn.Module):
         if not (isinstance(mesh_scale, (int, float)) and math.isfinite(mesh_scale) and mesh_scale > 0):
             raise ValueError(f"DMTetGeometry: 'mesh_scale' must be a positive finite number; "
                              f"got {mesh_scale!r}")
-        self.grid_res = int(grid_res)
         self.mesh_scale = float(mesh_scale)
-        verts, tets = tet_grid(grid_res, cache_dir)
+        self.cache_dir = cache_dir
         device = torch.device(device)
+        self._register_grid(int(grid_res), device)
+        half = 0.5 * self.mesh_scale
+        aabb_2x3 = torch.tensor([[-half] * 3, [half] * 3], dtype=torch.float32, device=device)
+        self.sdf_net = SDFNetwork(aabb_2x3, encoder_opts, backend=backend)
+
+    def _register_grid(self, grid_res: int, device: torch.device) -> None:
+        verts, tets = tet_grid(grid_res, self.cache_dir)
+        self.grid_res = grid_res
         self.register_buffer("grid_verts", torch.from_numpy(verts).to(device) * self.mesh_scale)
         self.register_buffer("tets", torch.from_numpy(tets).to(device))
         topo = tet_topology(self.tets)
         self.register_buffer("edges", topo.edges)
         # Static per-tet edge ids for marching_tets; derived from `tets`, so not in the state dict.
         self.register_buffer("tet_edge_ids", topo.tet_edges, persistent=False)
-        half = 0.5 * self.mesh_scale
-        aabb_2x3 = torch.tensor([[-half] * 3, [half] * 3], dtype=torch.float32, device=device)
-        self.sdf_net = SDFNetwork(aabb_2x3, encoder_opts, backend=backend)
+
+    def set_grid(self, grid_res: int) -> None:
+        """Sample the same SDF network on another tet grid (the network is a function of position,
+        so nothing is learned again); no-op at the current resolution."""
+        if int(grid_res) != self.grid_res:
+            self._register_grid(int(grid_res), self.grid_verts.device)
 
     @property
     def topology(self) -> TetTopology:

@@ -427,6 +427,21 @@ def test_capacity_planner_grows_early_and_shrinks_late() -> None:
     assert planner.capacity == SurfaceCapacity(11_264, 2_048, 5_120)
 
 
+def test_set_grid_samples_the_same_network_on_another_grid() -> None:
+    geo = DMTetGeometry(8, 2.0, SMALL_GRID, backend="torch")
+    params = list(geo.sdf_net.parameters())
+    geo.set_grid(12)
+    verts, tets = tet_grid(12)
+    assert geo.grid_res == 12 and geo.tets.shape == tets.shape
+    assert list(geo.sdf_net.parameters()) == params                       # nothing learned is replaced
+    sdf, _ = geo.sdf_and_deform()
+    assert torch.equal(sdf, geo.sdf_net(torch.from_numpy(verts) * 2.0)[0])
+    topo = tet_topology(geo.tets)                                          # topology buffers rebuilt too
+    assert torch.equal(geo.edges, topo.edges) and torch.equal(geo.tet_edge_ids, topo.tet_edges)
+    geo.set_grid(8)
+    assert geo.tets.shape == tet_grid(8)[1].shape
+
+
 def test_geometry_check_counts_names_the_problem() -> None:
     geo = DMTetGeometry(8, 2.0, SMALL_GRID, backend="torch")
     with pytest.raises(ValueError, match="3 non-finite values of 125"):

@@ -122,6 +122,24 @@ def test_sdf_regularizer_enters_the_step_and_the_log(tmp_path: Path, tiny_sd_pat
                if isinstance(a, torch.Tensor) and a.is_floating_point())
 
 
+@pytest.mark.parametrize("stop_at", [4, 6])   # the last coarse step; a fine one
+def test_coarse_grid_then_fine_grid_resumes_exactly(tmp_path: Path, tiny_sd_path: Path, stop_at: int) -> None:
+    """dmtet_grid_coarse: the coarse stage samples the SDF network on the coarse grid, the fine
+    stage on dmtet_grid; a run stopped before or after the switch and resumed ends exactly as a
+    straight run."""
+    base = {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "iter": 8, "coarse_iter": 4, "save_interval": 2,
+            "validate": False, "dmtet_grid": 24, "dmtet_grid_coarse": 16}
+    first, last, log_a, log_b = check_resume_matches_straight_run(tmp_path, base, stop_at=stop_at)
+    assert first["phase"]["grid_res"] == (16 if stop_at <= 4 else 24) and last["phase"]["grid_res"] == 24
+    if stop_at == 4:   # saved on the coarse grid, ended on the fine one: (24 / 16)^3 = 3.4x the tets
+        assert last["phase"]["geometry"]["tets"].shape[0] > 3 * first["phase"]["geometry"]["tets"].shape[0]
+    for key in ("stage", "loss", "faces"):
+        assert [r[key] for r in log_a] == [r[key] for r in log_b], key
+    coarse = np.mean([r["faces"] for r in log_a[:4]])
+    fine = np.mean([r["faces"] for r in log_a[4:]])
+    assert fine > 1.5 * coarse          # the same surface on a 1.5x finer grid: ~2.25x the faces
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Target-mesh guidance recovers a genus-1, non-convex mug
 # ------------------------------------------------------------------------------------------------
