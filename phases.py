@@ -172,7 +172,7 @@ class GeometryPhase:
         x = self.render(surf.verts, surf.faces, cams, stage)
         sds = self.guide(x, stage, it, cams, generator, draw)
         used = torch.tensor(self.capacity.capacity)            # host values: the buffers this step had
-        values = {"surface": surf.counts, "capacity": used, "grid": torch.tensor([self.geo.grid_res])}
+        values = {"surface": surf.counts, "capacity": used}
         loss = sds.loss
         if self.cfg.sdf_regularizer > 0:
             from geometry.dmtet import sdf_regularizer_weight
@@ -187,7 +187,7 @@ class GeometryPhase:
         counts = [int(c) for c in values["surface"]]
         self.geo.check_counts(counts)
         used = SurfaceCapacity(*(int(c) for c in values["capacity"]))
-        if int(values["grid"][0]) == self.geo.grid_res:   # not a step on the grid before a switch
+        if self.grid_at(it) == self.geo.grid_res:   # not the last step on the grid before a switch
             self.capacity.update(counts)
         if PaddedSurface.overflow(counts, used) and self.info.is_main:
             print(f"\nwarning: iteration {it}: the surface outgrew its buffers (crossing tets / two-triangle tets / "
