@@ -16,6 +16,7 @@
 set -u
 q=/tmp/gq
 mode=$1
+last_lines() { tail -c 3000 "$@" 2>/dev/null | tr '\r' '\n' | tail -8; }   # a run's progress-bar output, readable
 if [ "$mode" = start ]; then
   queue=$(realpath "$2"); wait_s=${3:-570}
   rm -rf $q; mkdir -p $q/out $q/meshes
@@ -34,7 +35,7 @@ elif [ "$mode" = run ]; then
       LAUNCH="torchrun --standalone --nproc_per_node=$gpus" RUNS=$q/runs/$tag EXTRA="${extra:-}" \
         scripts/full_scale_quality.sh $q/evals/$tag "$job" > $o/$tag.log 2>&1 || echo "$tag failed" >> $o/failed.txt
       cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
-      tail -c 3000 $q/runs/$tag/$job.stdout | tr '\r' '\n' | tail -8 > $o/$tag.stdout.end
+      last_lines $q/runs/$tag/$job.stdout > $o/$tag.stdout.end
       mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
       [ -f "$mesh" ] && python3 -c "import sys, trimesh; trimesh.load(sys.argv[1], force='mesh', process=False).export(sys.argv[2])" \
         "$mesh" $q/meshes/$tag.ply
@@ -52,7 +53,7 @@ end=$((SECONDS + wait_s))
 while [ $SECONDS -lt $end ] && ! grep -q ALL_DONE $q/done.txt 2>/dev/null; do sleep 5; done
 running=$(cat $q/running.txt 2>/dev/null)
 if ! grep -q ALL_DONE $q/done.txt 2>/dev/null && [ -n "$running" ]; then   # the job still running
-  tail -c 3000 $q/runs/$running/*.stdout 2>/dev/null | tr '\r' '\n' | tail -8 > $q/out/$running.running.end
+  last_lines $q/runs/$running/*.stdout > $q/out/$running.running.end
 fi
 tar -czf "$OUT/results.tgz" -C $q out queue.log queue.txt
 tar -czf "$OUT/meshes.tgz" -C $q meshes

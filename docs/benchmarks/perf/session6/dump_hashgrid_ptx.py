@@ -10,7 +10,6 @@ machine (3.6.0 with torch 2.11): PTX differs between Triton versions (session 7 
 import inspect
 import os
 import sys
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.getcwd())
 import triton
 from triton.backends.compiler import GPUTarget
