@@ -5,6 +5,7 @@ exports its result; the loop in trainer.py does everything else.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,20 @@ class NormalStageRenderer:
         return normal_to_display(img).permute(0, 3, 1, 2).contiguous()                 # [B, 3, H, W]
 
 
+def sdf_levels_at(cfg: Config, it: int, n_levels: int) -> int:
+    """Hash-grid levels of the SDF network at iteration `it`: sdf_levels_coarse up to coarse_iter,
+    then one more level every sdf_levels_ramp / (n_levels - sdf_levels_coarse) iterations (all at
+    once when the ramp is 0); n_levels throughout when sdf_levels_coarse is null."""
+    k = cfg.sdf_levels_coarse
+    if k is None or k >= n_levels:
+        return n_levels
+    if it <= cfg.coarse_iter:
+        return k
+    if cfg.sdf_levels_ramp == 0:
+        return n_levels
+    return min(n_levels, k + math.ceil((n_levels - k) * (it - cfg.coarse_iter) / cfg.sdf_levels_ramp))
+
+
 class GeometryPhase:
     name = "geometry"
     lr = 1e-3
@@ -143,6 +158,10 @@ class GeometryPhase:
         coarse = self.cfg.dmtet_grid_coarse
         return coarse if coarse is not None and it <= self.cfg.coarse_iter else self.cfg.dmtet_grid
 
+    def levels_at(self, it: int) -> int:
+        """Hash-grid levels the SDF network uses at iteration `it`."""
+        return sdf_levels_at(self.cfg, it, self.geo.sdf_net.n_levels)
+
     def _use_grid(self, grid_res: int) -> None:
         from geometry.dmtet import CapacityPlanner
         if grid_res != self.geo.grid_res:
@@ -151,6 +170,7 @@ class GeometryPhase:
 
     def prepare(self, resumed: bool) -> None:
         """SDF pretraining towards the initial shape (skipped when resuming: the weights are loaded)."""
+        self.geo.sdf_net.set_active_levels(self.levels_at(1))
         if resumed or self.cfg.sdf_init_iter == 0:
             return
         from geometry.sdf_init import InitShape, InitShapeOptions, pretrain_sdf
@@ -167,6 +187,7 @@ class GeometryPhase:
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         stage = self.stage(it)
         self._use_grid(self.grid_at(it))
+        self.geo.sdf_net.set_active_levels(self.levels_at(it))
         draw = self.guide.draw(stage, it, cams, generator)     # queued before the render's host waits
         surf = self.geo.extract_padded(self.capacity)
         x = self.render(surf.verts, surf.faces, cams, stage)
@@ -195,6 +216,8 @@ class GeometryPhase:
                   f"{used.verts} / {used.verts + 1}); that step rendered it without some triangles. The buffers have "
                   "been enlarged.", file=sys.stderr, flush=True)
         record = {"faces": float(counts[1] + counts[2])}
+        if self.cfg.sdf_levels_coarse is not None:
+            record["sdf_levels"] = float(self.levels_at(it))
         if "sdf_reg" in values:
             record["sdf_reg"] = values["sdf_reg"][0]
         return record
@@ -233,12 +256,13 @@ class GeometryPhase:
         # The surface buffers' sizes too: a resumed run pads (and so renders) exactly as the straight one.
         cap = self.capacity.capacity
         return {"geometry": self.geo.state_dict(), "surface_capacity": None if cap is None else list(cap),
-                "grid_res": self.geo.grid_res}
+                "grid_res": self.geo.grid_res, "sdf_levels": self.geo.sdf_net.active_levels}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from geometry.dmtet import SurfaceCapacity
         self.geo.set_grid(state.get("grid_res", self.geo.grid_res))   # the grid the buffers were saved on
         self.geo.load_state_dict(state["geometry"])
+        self.geo.sdf_net.set_active_levels(state.get("sdf_levels", self.geo.sdf_net.n_levels))
         cap = state.get("surface_capacity")          # absent in checkpoints written before it existed
         self.capacity.capacity = None if cap is None else SurfaceCapacity(*cap)
 

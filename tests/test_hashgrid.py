@@ -126,6 +126,34 @@ def test_sdf_network_shapes_and_fp32() -> None:
     assert sdf.shape == (5,) and deform.shape == (5, 3) and sdf.dtype == torch.float32
 
 
+def test_sdf_network_active_levels_hide_the_fine_levels() -> None:
+    """set_active_levels(k): the output ignores levels k and finer (whatever their table holds),
+    they get no gradient, the k coarse levels do; set_active_levels(n_levels) restores them."""
+    torch.manual_seed(0)
+    net = SDFNetwork(AABB, HashGridOptions(log2_hashmap_size=10), backend="torch")
+    layout = net.encoder.layout
+    with torch.no_grad():   # table entries large enough that every level changes the output
+        net.encoder.table.uniform_(-1.0, 1.0)
+    x = torch.rand(200, 3) * 2 - 1
+    full = net(x)[0]
+    net.set_active_levels(5)
+    masked = net(x)[0]
+    fine_rows = slice(layout.offsets[5], layout.rows)
+    with torch.no_grad():
+        net.encoder.table[fine_rows] = torch.randn_like(net.encoder.table[fine_rows])
+    assert torch.equal(net(x)[0], masked)                      # the fine levels are invisible
+    assert not torch.allclose(masked, full, atol=1e-3)         # and the mask did something
+    net.zero_grad()
+    net(x)[0].sum().backward()
+    grad = net.encoder.table.grad
+    assert grad[fine_rows].abs().max() == 0 and grad[:layout.offsets[5]].abs().max() > 0
+    net.set_active_levels(16)
+    assert net._feature_mask is None and not torch.equal(net(x)[0], masked)
+    for bad in (0, 17, 2.5, True):
+        with pytest.raises(ValueError, match="set_active_levels"):
+            net.set_active_levels(bad)
+
+
 @pytest.mark.skipif(triton_unavailable_reason() is not None, reason="triton not installed")
 def test_triton_kernel_matches_reference_in_interpreter(tmp_path: Path) -> None:
     """Runs the GPU check script's parity test on CPU through TRITON_INTERPRET=1 (a subprocess,

@@ -140,6 +140,31 @@ def test_coarse_grid_then_fine_grid_resumes_exactly(tmp_path: Path, tiny_sd_path
     assert fine > 1.5 * coarse          # the same surface on a 1.5x finer grid: ~2.25x the faces
 
 
+def test_sdf_levels_schedule() -> None:
+    from config import Config
+    from phases import sdf_levels_at
+    cfg = Config(coarse_iter=100, sdf_levels_coarse=4, sdf_levels_ramp=60)
+    # 12 levels to add over 60 iterations: one every 5, the first right after the coarse stage.
+    assert [sdf_levels_at(cfg, it, 16) for it in (1, 100, 101, 105, 106, 130, 160, 161, 500)] == \
+        [4, 4, 5, 5, 6, 10, 16, 16, 16]
+    assert [sdf_levels_at(Config(coarse_iter=100, sdf_levels_coarse=4), it, 16) for it in (100, 101)] == [4, 16]
+    assert sdf_levels_at(Config(coarse_iter=100), 1, 16) == 16          # null: published, all levels
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])   # the last coarse step; one in the ramp
+def test_coarse_hash_levels_then_ramp_resumes_exactly(tmp_path: Path, tiny_sd_path: Path, stop_at: int) -> None:
+    """sdf_levels_coarse / sdf_levels_ramp: the coarse stage uses the coarse levels, the fine stage
+    adds the others; logged per step, saved with the checkpoint, and a resumed run ends exactly as
+    a straight one."""
+    base = {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "iter": 8, "coarse_iter": 4, "save_interval": 2,
+            "validate": False, "sdf_levels_coarse": 3, "sdf_levels_ramp": 4}
+    first, last, log_a, log_b = check_resume_matches_straight_run(tmp_path, base, stop_at=stop_at)
+    assert [r["sdf_levels"] for r in log_a] == [3, 3, 3, 3, 7, 10, 13, 16]
+    assert first["phase"]["sdf_levels"] == (3 if stop_at == 4 else 10) and last["phase"]["sdf_levels"] == 16
+    for key in ("stage", "loss", "faces", "sdf_levels"):
+        assert [r[key] for r in log_a] == [r[key] for r in log_b], key
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Target-mesh guidance recovers a genus-1, non-convex mug
 # ------------------------------------------------------------------------------------------------
