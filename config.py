@@ -276,6 +276,8 @@ class Config:
     video_frames: int = _k(120, integer(0), "frames of the final turntable video (0: none)")
     mesh_min_component_fraction: float = _k(0.01, number(0.0, 0.999), "at geometry export, drop connected "
                                             "components with fewer than this fraction of the faces (0: keep all)")
+    mesh_drop_enclosed: bool = _k(True, boolean, "at geometry export, drop components enclosed by the rest of the "
+                                  "surface (hidden voids and shells in a wall; false keeps them)")
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -235,7 +235,7 @@ class GeometryPhase:
 
     def export(self, out_dir: Path) -> list[Path]:
         from render.export import write_glb, write_obj
-        from render.mesh import compute_vertex_normals, drop_small_components
+        from render.mesh import compute_vertex_normals, drop_enclosed_components, drop_small_components
         from render.uv import unwrap
         with torch.no_grad():
             mesh = self.geo.mesh(with_normals=False).to("cpu")
@@ -244,6 +244,12 @@ class GeometryPhase:
         if kept.dropped:
             print(f"removed {kept.dropped} of {kept.components} connected components ({kept.dropped_faces} faces), "
                   f"each under {frac:.1%} of the faces (mesh_min_component_fraction=0 keeps them)", flush=True)
+        if self.cfg.mesh_drop_enclosed:
+            mesh, hidden = drop_enclosed_components(mesh)
+            if hidden.dropped:
+                print(f"removed {hidden.dropped} components ({hidden.dropped_faces} faces) enclosed by the rest of the "
+                      "surface: voids or shells inside the solid that no view sees (mesh_drop_enclosed=false keeps them)",
+                      flush=True)
         mesh = compute_vertex_normals(mesh)
         # xatlas can take minutes on a large, noisy surface: say what is happening and how long it took.
         print(f"unwrapping UVs with xatlas ({mesh.t_pos_idx.shape[0]} faces)...", end=" ", flush=True)

@@ -328,13 +328,46 @@ def drop_small_components(mesh: Mesh, min_fraction: float) -> tuple[Mesh, Compon
     keep_face = keep_comp[face_label]
     dropped = int(np.count_nonzero(~keep_comp & (sizes > 0)))
     report = ComponentFilterReport(int(np.count_nonzero(sizes)), dropped, int(np.count_nonzero(~keep_face)))
-    if report.dropped_faces == 0:
-        return mesh, report
-    kept = faces[keep_face]
+    return _keep_faces(mesh, faces, keep_face), report
+
+
+def drop_enclosed_components(mesh: Mesh, min_inside: float = 0.95) -> tuple[Mesh, ComponentFilterReport]:
+    """Remove connected components that lie inside the solid bounded by the other components:
+    voids or shells within a wall (nothing outside can see them), which marching tets leaves where
+    the SDF has a hidden sign change. A component is enclosed when at least `min_inside` of its
+    vertices have |generalized winding number| > 0.5 with respect to the rest of the surface
+    (libigl). Open cavities (a cup's inside) have winding number ~0 and are kept, and so is the
+    largest component, always.
+    """
+    import igl
+
+    faces = mesh.t_pos_idx.detach().cpu().numpy()                               # [F, 3]
+    if faces.shape[0] == 0:
+        return mesh, ComponentFilterReport(0, 0, 0)
+    verts = mesh.v_pos.detach().cpu().double().numpy()                          # [V, 3]
+    face_label = face_component_labels(faces, verts.shape[0])                    # [F]
+    sizes = np.bincount(face_label)                                              # faces per component
+    labels = np.flatnonzero(sizes)
+    enclosed = np.zeros(len(sizes), dtype=bool)
+    for c in labels[labels != sizes.argmax()]:
+        own = face_label == c
+        probe = verts[np.unique(faces[own])]                                     # [P, 3] its vertices
+        winding = igl.fast_winding_number(verts, faces[~own], probe)             # [P]
+        enclosed[c] = np.mean(np.abs(winding) > 0.5) >= min_inside
+    keep_face = ~enclosed[face_label]
+    report = ComponentFilterReport(len(labels), int(enclosed.sum()), int(np.count_nonzero(~keep_face)))
+    return _keep_faces(mesh, faces, keep_face), report
+
+
+def _keep_faces(mesh: Mesh, faces_fx3: np.ndarray, keep_face: np.ndarray) -> Mesh:
+    """The mesh with only the faces `keep_face` [F] (positions and faces; vertices compacted)."""
+    if keep_face.all():
+        return mesh
+    kept = faces_fx3[keep_face]
     used = np.unique(kept)
-    remap = np.full(n_verts, -1, dtype=np.int64)
+    remap = np.full(mesh.v_pos.shape[0], -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
     device = mesh.v_pos.device
     v_pos = mesh.v_pos[torch.from_numpy(used).to(device)]
     t_pos_idx = torch.from_numpy(remap[kept]).to(device=device, dtype=mesh.t_pos_idx.dtype)
-    return Mesh(v_pos=v_pos, t_pos_idx=t_pos_idx), report
+    return Mesh(v_pos=v_pos, t_pos_idx=t_pos_idx)

@@ -77,14 +77,22 @@ def _xatlas_options(chart: ChartOptions, pack: PackOptions) -> tuple[object, obj
 
 
 def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
-           pack_options: PackOptions | None = None) -> Mesh:
+           pack_options: PackOptions | None = None, max_chunk_faces: int = 10_000) -> Mesh:
     """Return a copy of `mesh` with a fresh xatlas UV atlas (one atlas page, uv in [0, 1]^2).
+
+    Meshes with more than `max_chunk_faces` faces are cut into spatially compact pieces of at most
+    that many faces, which xatlas charts separately (in parallel) and packs into the one atlas:
+    its chart computation grows faster than linearly with a mesh's size (a 165k-face grid-256
+    surface took 92 s whole), and the pieces' borders only add chart borders where marching-tets
+    surfaces have small charts anyway. 0 charts the mesh whole.
 
     Faces keep their order, so per-face data of the input stays valid. Raises MeshError for an
     empty/invalid mesh and UnwrapError if xatlas splits the atlas into several pages (the bake
     writes one texture per map) or reorders faces.
     """
     validate_mesh(mesh, "unwrap(mesh)")
+    if isinstance(max_chunk_faces, bool) or not isinstance(max_chunk_faces, int) or max_chunk_faces < 0:
+        raise ValueError(f"unwrap: max_chunk_faces must be an int >= 0 (0: no chunks), got {max_chunk_faces!r}")
     chart_options = chart_options or ChartOptions()
     pack_options = pack_options or PackOptions()
     x_chart, x_pack = _xatlas_options(chart_options, pack_options)
@@ -93,25 +101,52 @@ def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
 
     pos_vx3 = mesh.v_pos.detach().cpu().numpy().astype(np.float32)
     tri_fx3 = mesh.t_pos_idx.detach().cpu().numpy().astype(np.uint32)
+    chunks = _spatial_chunks(pos_vx3[tri_fx3].mean(1), max_chunk_faces or len(tri_fx3))   # face ids per piece
     atlas = xatlas.Atlas()
-    atlas.add_mesh(pos_vx3, tri_fx3)
+    for faces in chunks:
+        used, local = np.unique(tri_fx3[faces], return_inverse=True)          # the piece's own vertices
+        atlas.add_mesh(pos_vx3[used], local.reshape(-1, 3).astype(np.uint32))
     atlas.generate(x_chart, x_pack)
     if atlas.atlas_count != 1:
         raise UnwrapError(f"unwrap: xatlas produced {atlas.atlas_count} atlas pages, expected 1; "
                           "set pack_options.max_chart_size to 0 or raise pack_options.resolution")
-    vmapping_t, tex_idx_fx3, uv_tx2 = atlas[0]
-    # xatlas keeps face order; check it, because baking and tangents rely on face correspondence.
-    if tex_idx_fx3.shape != tri_fx3.shape or not np.array_equal(vmapping_t[tex_idx_fx3], tri_fx3):
-        raise UnwrapError(f"unwrap: xatlas output faces do not correspond to the input faces "
-                          f"(got {tex_idx_fx3.shape[0]} faces, expected {tri_fx3.shape[0]})")
+    tex_idx_fx3 = np.empty(tri_fx3.shape, dtype=np.int64)
+    uv_parts, n_uv = [], 0
+    for i, faces in enumerate(chunks):
+        vmapping_t, piece_idx_fx3, uv_tx2 = atlas[i]
+        used = np.unique(tri_fx3[faces])
+        # xatlas keeps face order; check it, because baking and tangents rely on face correspondence.
+        if piece_idx_fx3.shape != (len(faces), 3) or not np.array_equal(used[vmapping_t[piece_idx_fx3]], tri_fx3[faces]):
+            raise UnwrapError(f"unwrap: xatlas output faces do not correspond to the input faces "
+                              f"(piece {i}: got {piece_idx_fx3.shape[0]} faces, expected {len(faces)})")
+        tex_idx_fx3[faces] = piece_idx_fx3 + n_uv
+        uv_parts.append(uv_tx2)
+        n_uv += len(uv_tx2)
     device = mesh.v_pos.device
     return replace(
         mesh,
-        v_tex=torch.from_numpy(uv_tx2.astype(np.float32)).to(device),       # [Vt, 2] in [0, 1]
-        t_tex_idx=torch.from_numpy(tex_idx_fx3.astype(np.int64)).to(device),  # [F, 3]
+        v_tex=torch.from_numpy(np.concatenate(uv_parts).astype(np.float32)).to(device),  # [Vt, 2] in [0, 1]
+        t_tex_idx=torch.from_numpy(tex_idx_fx3).to(device),                             # [F, 3]
         v_tng=None,
         t_tng_idx=None,
     )
+
+
+def _spatial_chunks(centroids_fx3: np.ndarray, max_faces: int) -> list[np.ndarray]:
+    """Face ids cut into compact pieces of at most `max_faces`: halved at the median along the
+    longest side of each piece's bounding box until small enough (a k-d tree's leaves)."""
+    pieces, todo = [], [np.arange(len(centroids_fx3))]
+    while todo:
+        ids = todo.pop()
+        if len(ids) <= max_faces:
+            pieces.append(ids)
+            continue
+        c = centroids_fx3[ids]
+        axis = int(np.argmax(c.max(0) - c.min(0)))
+        order = np.argsort(c[:, axis], kind="stable")
+        half = len(ids) // 2
+        todo += [ids[order[half:]], ids[order[:half]]]
+    return pieces
 
 
 def uv_island_labels(t_tex_idx_fx3: torch.Tensor) -> np.ndarray:

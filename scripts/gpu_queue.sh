@@ -32,8 +32,12 @@ elif [ "$mode" = run ]; then
       bash -c "$rest" > $o/$tag.log 2>&1; echo "rc $?" >> $o/$tag.log
     else
       read -r job extra <<< "$rest"
-      LAUNCH="torchrun --standalone --nproc_per_node=$gpus" RUNS=$q/runs/$tag EXTRA="${extra:-}" \
-        scripts/full_scale_quality.sh $q/evals/$tag "$job" > $o/$tag.log 2>&1 || echo "$tag failed" >> $o/failed.txt
+      if ! LAUNCH="torchrun --standalone --nproc_per_node=$gpus" RUNS=$q/runs/$tag EXTRA="${extra:-}" \
+          scripts/full_scale_quality.sh $q/evals/$tag "$job" > $o/$tag.log 2>&1; then
+        echo "$tag failed" >> $o/failed.txt
+        # torchrun's summary hides the cause: keep the run's own error lines (its last lines are the summary)
+        grep -a -E -B3 -A15 -m4 'Traceback|Error|error:' $q/runs/$tag/$job.stdout > $o/$tag.error 2>/dev/null
+      fi
       cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
       last_lines $q/runs/$tag/$job.stdout > $o/$tag.stdout.end
       mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
@@ -63,4 +67,5 @@ for f in $q/out/eval_*.json; do
 print(sys.argv[1].split('/')[-1], d['wall_s'], 's', 'chamfer %.3f%%' % (100 * e['chamfer']), 'iou %.3f' % e['iou'], 'psnr %.2f' % e['psnr'], e['image_kind'])" "$f"
 done
 cat $q/out/failed.txt 2>/dev/null
+head -c 1500 $q/out/*.error 2>/dev/null
 exit 0

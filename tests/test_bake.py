@@ -14,7 +14,7 @@ from render import raster
 from render.bake import BakeError, BakedMaps, bake, normalize_normal_map, rasterize_uv, uv_padding
 from render.export import TEXTURE_FILES, read_png_rgb, srgb_to_linear, write_obj
 from render.mesh import Mesh, MeshError, load_mesh
-from render.uv import ChartOptions, PackOptions, chart_count, unwrap, uv_island_labels
+from render.uv import ChartOptions, PackOptions, _spatial_chunks, chart_count, unwrap, uv_island_labels
 
 TEXTURE_RES = 1024
 PSNR_MIN_DB = 30.0
@@ -37,9 +37,11 @@ def smooth_material(points_nx3: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"kd": kd, "ks": ks, "nrm": nrm}
 
 
-@pytest.fixture(scope="module")
-def baked_sphere() -> tuple[Mesh, BakedMaps]:
-    mesh = unwrap(_icosphere(4), pack_options=PackOptions(padding=2))
+@pytest.fixture(scope="module", params=[0, 700], ids=["whole", "pieces"])
+def baked_sphere(request: pytest.FixtureRequest) -> tuple[Mesh, BakedMaps]:
+    """The 5120-face sphere unwrapped whole, and in pieces of <= 700 faces (one atlas, 8 pieces):
+    overlapping or misassigned pieces would fail the bake and render round trips below."""
+    mesh = unwrap(_icosphere(4), pack_options=PackOptions(padding=2), max_chunk_faces=request.param)
     return mesh, bake(mesh, smooth_material, TEXTURE_RES, uv_padding_block=4)
 
 
@@ -61,6 +63,24 @@ def test_unwrap_keeps_faces_and_gives_uvs_in_unit_square() -> None:
     for chart in np.unique(labels):
         positive = float((area[labels == chart] > 0).float().mean())
         assert positive in (0.0, 1.0), f"chart {chart} is folded: {positive:.2f} of its faces positive"
+
+
+def test_unwrap_in_pieces_keeps_faces_and_one_atlas() -> None:
+    mesh = _icosphere(4)                                               # 5120 faces
+    out = unwrap(mesh, max_chunk_faces=700)                            # 8 pieces of 640
+    assert torch.equal(out.t_pos_idx, mesh.t_pos_idx)
+    assert float(out.v_tex.min()) >= 0.0 and float(out.v_tex.max()) <= 1.0
+    # Compact pieces of <= 700 faces, each UV island inside one piece, every UV vertex used.
+    pieces = _spatial_chunks(mesh.v_pos[mesh.t_pos_idx].mean(1).numpy(), 700)
+    assert len(pieces) == 8 and sorted(np.concatenate(pieces).tolist()) == list(range(5120))
+    piece_of = np.empty(5120, dtype=np.int64)
+    for i, faces in enumerate(pieces):
+        piece_of[faces] = i
+    islands = uv_island_labels(out.t_tex_idx)
+    assert all(len(np.unique(piece_of[islands == k])) == 1 for k in np.unique(islands))
+    assert len(np.unique(out.t_tex_idx.numpy())) == out.v_tex.shape[0]
+    with pytest.raises(ValueError, match="max_chunk_faces"):
+        unwrap(mesh, max_chunk_faces=-1)
 
 
 def test_unwrap_chart_options_are_applied() -> None:

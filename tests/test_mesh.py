@@ -15,6 +15,7 @@ from render.mesh import (
     MeshFileNotFoundError,
     compute_tangents,
     compute_vertex_normals,
+    drop_enclosed_components,
     drop_small_components,
     load_mesh,
     unit_size,
@@ -211,3 +212,20 @@ def test_drop_small_components_keeps_the_body_and_drops_floaters() -> None:
     assert same is mesh and report.dropped == 0
     with pytest.raises(ValueError, match="min_fraction"):
         drop_small_components(mesh, 1.0)
+
+
+def test_drop_enclosed_components_removes_hidden_voids_only() -> None:
+    body = trimesh.creation.icosphere(subdivisions=4)                                    # solid, r = 1
+    void = trimesh.creation.icosphere(subdivisions=3, radius=0.5)
+    void.invert()                                                # a bubble in the body: faces point inward
+    tube = trimesh.creation.annulus(r_min=0.5, r_max=0.8, height=1.0).apply_translation([3, 0, 0])
+    in_hole = trimesh.creation.icosphere(subdivisions=1, radius=0.2).apply_translation([3, 0, 0])  # seen
+    mesh = _parts(body, void, tube, in_hole)
+    out, report = drop_enclosed_components(mesh)
+    assert (report.components, report.dropped, report.dropped_faces) == (4, 1, len(void.faces))
+    kept = trimesh.Trimesh(out.v_pos.numpy(), out.t_pos_idx.numpy(), process=False)
+    np.testing.assert_allclose(kept.area, body.area + tube.area + in_hole.area, rtol=1e-5)
+    assert drop_enclosed_components(_parts(body))[0].t_pos_idx.shape == (len(body.faces), 3)
+    # The largest component stays even inside another (a small shell around it is what views see).
+    skin = trimesh.creation.icosphere(subdivisions=2, radius=1.2)
+    assert drop_enclosed_components(_parts(skin, body))[1].dropped_faces == 0
