@@ -349,11 +349,19 @@ def drop_enclosed_components(mesh: Mesh, min_inside: float = 0.95) -> tuple[Mesh
     sizes = np.bincount(face_label)                                              # faces per component
     labels = np.flatnonzero(sizes)
     enclosed = np.zeros(len(sizes), dtype=bool)
-    for c in labels[labels != sizes.argmax()]:
-        own = face_label == c
-        probe = verts[np.unique(faces[own])]                                     # [P, 3] its vertices
-        winding = igl.fast_winding_number(verts, faces[~own], probe)             # [P]
-        enclosed[c] = np.mean(np.abs(winding) > 0.5) >= min_inside
+    candidates = labels[labels != sizes.argmax()]
+    # Winding numbers add over faces: w(rest) = w(all) - w(own), so the whole surface's tree is
+    # built once (one call for every candidate's vertices) and each component's own only once.
+    probes = [np.unique(faces[face_label == c]) for c in candidates]              # each: its vertex ids
+    if not probes:
+        return mesh, ComponentFilterReport(len(labels), 0, 0)
+    w_all = igl.fast_winding_number(verts, faces, verts[np.concatenate(probes)])  # [sum P]
+    start = 0
+    for c, used in zip(candidates, probes):
+        local = np.searchsorted(used, faces[face_label == c])                    # own faces, own vertex ids
+        w_rest = w_all[start:start + len(used)] - igl.fast_winding_number(verts[used], local, verts[used])
+        start += len(used)
+        enclosed[c] = np.mean(np.abs(w_rest) > 0.5) >= min_inside
     keep_face = ~enclosed[face_label]
     report = ComponentFilterReport(len(labels), int(enclosed.sum()), int(np.count_nonzero(~keep_face)))
     return _keep_faces(mesh, faces, keep_face), report
