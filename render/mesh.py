@@ -352,13 +352,14 @@ def drop_enclosed_components(mesh: Mesh, min_inside: float = 0.95) -> tuple[Mesh
     candidates = labels[labels != sizes.argmax()]
     # Winding numbers add over faces: w(rest) = w(all) - w(own), so the whole surface's tree is
     # built once (one call for every candidate's vertices) and each component's own only once.
-    probes = [np.unique(faces[face_label == c]) for c in candidates]              # each: its vertex ids
-    if not probes:
+    if len(candidates) == 0:
         return mesh, ComponentFilterReport(len(labels), 0, 0)
+    own_faces = [faces[face_label == c] for c in candidates]                     # each: [Fc, 3]
+    probes = [np.unique(f) for f in own_faces]                                   # each: its vertex ids
     w_all = igl.fast_winding_number(verts, faces, verts[np.concatenate(probes)])  # [sum P]
     start = 0
-    for c, used in zip(candidates, probes):
-        local = np.searchsorted(used, faces[face_label == c])                    # own faces, own vertex ids
+    for c, own, used in zip(candidates, own_faces, probes):
+        local = np.searchsorted(used, own)                                       # own faces, own vertex ids
         w_rest = w_all[start:start + len(used)] - igl.fast_winding_number(verts[used], local, verts[used])
         start += len(used)
         enclosed[c] = np.mean(np.abs(w_rest) > 0.5) >= min_inside

@@ -103,18 +103,19 @@ def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
     tri_fx3 = mesh.t_pos_idx.detach().cpu().numpy().astype(np.uint32)
     chunks = _spatial_chunks(pos_vx3[tri_fx3].mean(1), max_chunk_faces or len(tri_fx3))   # face ids per piece
     atlas = xatlas.Atlas()
+    piece_verts = []                                                           # each piece's own vertex ids
     for faces in chunks:
-        used, local = np.unique(tri_fx3[faces], return_inverse=True)          # the piece's own vertices
+        used, local = np.unique(tri_fx3[faces], return_inverse=True)
         atlas.add_mesh(pos_vx3[used], local.reshape(-1, 3).astype(np.uint32))
+        piece_verts.append(used)
     atlas.generate(x_chart, x_pack)
     if atlas.atlas_count != 1:
         raise UnwrapError(f"unwrap: xatlas produced {atlas.atlas_count} atlas pages, expected 1; "
                           "set pack_options.max_chart_size to 0 or raise pack_options.resolution")
     tex_idx_fx3 = np.empty(tri_fx3.shape, dtype=np.int64)
     uv_parts, n_uv = [], 0
-    for i, faces in enumerate(chunks):
+    for i, (faces, used) in enumerate(zip(chunks, piece_verts)):
         vmapping_t, piece_idx_fx3, uv_tx2 = atlas[i]
-        used = np.unique(tri_fx3[faces])
         # xatlas keeps face order; check it, because baking and tangents rely on face correspondence.
         if piece_idx_fx3.shape != (len(faces), 3) or not np.array_equal(used[vmapping_t[piece_idx_fx3]], tri_fx3[faces]):
             raise UnwrapError(f"unwrap: xatlas output faces do not correspond to the input faces "

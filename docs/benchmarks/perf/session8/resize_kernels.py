@@ -4,7 +4,7 @@ put CUDA events around one Python forward + backward, so both variants measured 
 launches over `--iters` calls of forward + backward (4 x 512^2 x 4 -> 64^2), and CUDA events around
 all the calls give the throughput with the host kept ahead (no synchronisation inside the loop).
 
-    python docs/benchmarks/perf/session8/resize_kernels.py OUT.json [--iters 200]
+    python docs/benchmarks/perf/session8/resize_kernels.py OUT.json [--device cuda:0] [--iters 200]
 """
 from __future__ import annotations
 
@@ -54,14 +54,19 @@ def loop_ms(fn, img: torch.Tensor, grad: torch.Tensor, iters: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("out")
+    p.add_argument("--device", default="cuda", help="a CUDA device (CUDA events and kernel profiling)")
     p.add_argument("--iters", type=int, default=200)
     a = p.parse_args()
-    img = torch.rand(4, 512, 512, 4, device="cuda")                     # [B, H, W, normal xyz + mask]
-    grad = torch.randn(4, 4, 64, 64, device="cuda")
+    device = torch.device(a.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        p.error(f"--device: expected an available CUDA device (it times CUDA kernels); got {a.device!r}")
+    torch.cuda.set_device(device)                                       # events and synchronize use it too
+    img = torch.rand(4, 512, 512, 4, device=device)                     # [B, H, W, normal xyz + mask]
+    grad = torch.randn(4, 4, 64, 64, device=device)
     variants = {"interpolate_aa": interpolate_aa, "matmul": resize_bilinear_aa}
     for fn in variants.values():
         calls(fn, img, grad, 20)                                        # warm-up (cuBLAS handles, caches)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "iters": a.iters}
+    result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "iters": a.iters}
     for rep in (1, 2):                                                  # alternated twice: order effects show
         for name, fn in variants.items():
             result[f"{name}_kernel_ms_{rep}"] = kernel_ms(fn, img, grad, a.iters)
