@@ -12,7 +12,11 @@
 # QUEUE_FILE lines, run in order ('#' starts a comment):
 #   quality TAG JOB [key=value ...]   scripts/full_scale_quality.sh JOB on all GPUs (torchrun), the
 #                                     key=value overrides added (EXTRA); results named TAG
-#   shell TAG COMMAND...              any command, run from the tree's root; output in TAG.log
+#   shell TAG COMMAND...              any command, run from the tree's root, alone (after every
+#                                     quality job before it has ended); output in TAG.log
+# QUEUE_SLOTS=N (environment of `start`, default 1): up to N quality jobs at once. On one GPU the
+# target-mesh jobs leave it mostly idle (small kernels, host-bound), so a few at once finish
+# sooner in total; timings taken by `shell` lines still run alone.
 set -u
 q=/tmp/gq
 mode=$1
@@ -26,26 +30,38 @@ if [ "$mode" = start ]; then
 elif [ "$mode" = run ]; then
   cd $q/repo; o=$q/out
   gpus=$(nvidia-smi -L 2>/dev/null | wc -l); [ "$gpus" -gt 0 ] || gpus=1   # CPU: one process (a dry run)
-  grep -v '^\s*#' $q/queue.txt | grep -v '^\s*$' | while read -r kind tag rest; do
-    echo "$tag" > $q/running.txt
-    if [ "$kind" = shell ]; then
-      bash -c "$rest" > $o/$tag.log 2>&1; echo "rc $?" >> $o/$tag.log
-    else
-      read -r job extra <<< "$rest"
-      if ! LAUNCH="torchrun --standalone --nproc_per_node=$gpus" RUNS=$q/runs/$tag EXTRA="${extra:-}" \
-          scripts/full_scale_quality.sh $q/evals/$tag "$job" > $o/$tag.log 2>&1; then
-        echo "$tag failed" >> $o/failed.txt
-        # torchrun's summary hides the cause: keep the run's own error lines (its last lines are the summary)
-        grep -a -E -B3 -A15 -m4 'Traceback|Error|error:' $q/runs/$tag/$job.stdout > $o/$tag.error 2>/dev/null
-      fi
-      cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
-      last_lines $q/runs/$tag/$job.stdout > $o/$tag.stdout.end
-      mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
-      [ -f "$mesh" ] && python3 -c "import sys, trimesh; trimesh.load(sys.argv[1], force='mesh', process=False).export(sys.argv[2])" \
-        "$mesh" $q/meshes/$tag.ply
+  slots=${QUEUE_SLOTS:-1}
+  set -f                                  # overrides such as elevation_range=[-10,80] are not globs
+  # Written once here: jobs running at once would otherwise each start writing the same folder.
+  python3 scripts/make_reference_meshes.py /tmp/quality_refs > /dev/null
+  quality() {   # TAG JOB [key=value ...]
+    local tag=$1 job=$2; shift 2
+    if ! LAUNCH="torchrun --standalone --nproc_per_node=$gpus" RUNS=$q/runs/$tag EXTRA="$*" \
+        scripts/full_scale_quality.sh $q/evals/$tag "$job" > $o/$tag.log 2>&1; then
+      echo "$tag failed" >> $o/failed.txt
+      # torchrun's summary hides the cause: keep the run's own error lines (its last lines are the summary)
+      grep -a -E -B3 -A15 -m4 'Traceback|Error|error:' $q/runs/$tag/$job.stdout > $o/$tag.error 2>/dev/null
     fi
+    cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
+    last_lines $q/runs/$tag/$job.stdout > $o/$tag.stdout.end
+    local mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
+    [ -f "$mesh" ] && python3 -c "import sys, trimesh; trimesh.load(sys.argv[1], force='mesh', process=False).export(sys.argv[2])" \
+      "$mesh" $q/meshes/$tag.ply
     echo "$tag" >> $q/done.txt
+  }
+  grep -v '^\s*#' $q/queue.txt | grep -v '^\s*$' | while read -r kind tag rest; do
+    if [ "$kind" = shell ]; then
+      wait                                    # a shell line runs alone: its timings must not share the GPU
+      echo "$tag" >> $q/started.txt
+      bash -c "$rest" > $o/$tag.log 2>&1; echo "rc $?" >> $o/$tag.log
+      echo "$tag" >> $q/done.txt
+    else
+      while [ "$(jobs -rp | wc -l)" -ge "$slots" ]; do wait -n; done
+      echo "$tag" >> $q/started.txt
+      quality "$tag" $rest < /dev/null &   # not the queue's lines on its stdin
+    fi
   done
+  wait
   echo ALL_DONE >> $q/done.txt
   exit 0
 else
@@ -55,10 +71,9 @@ fi
 [ -d $q ] || { echo "no queue on this machine (a fresh machine): run start again"; exit 1; }
 end=$((SECONDS + wait_s))
 while [ $SECONDS -lt $end ] && ! grep -q ALL_DONE $q/done.txt 2>/dev/null; do sleep 5; done
-running=$(cat $q/running.txt 2>/dev/null)
-if ! grep -q ALL_DONE $q/done.txt 2>/dev/null && [ -n "$running" ]; then   # the job still running
+for running in $(grep -vxF -f <(cat $q/done.txt 2>/dev/null) $q/started.txt 2>/dev/null); do   # jobs still running
   last_lines $q/runs/$running/*.stdout > $q/out/$running.running.end
-fi
+done
 tar -czf "$OUT/results.tgz" -C $q out queue.log queue.txt
 tar -czf "$OUT/meshes.tgz" -C $q meshes
 echo "done: $(tr '\n' ' ' < $q/done.txt 2>/dev/null)"
