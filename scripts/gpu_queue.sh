@@ -7,7 +7,7 @@
 #
 # `start` copies this tree to /tmp/gq/repo and runs the queue there in its own process session;
 # both modes then wait up to WAIT_S seconds (default 570) and pack what is done into
-# $OUT/results.tgz (logs, eval_<tag>.json, the running job's last output) and $OUT/meshes.tgz
+# $OUT/results.tgz (logs, eval_<tag>.json, log.jsonl.gz, the running jobs' last output) and $OUT/meshes.tgz
 # (each finished geometry job's mesh as binary PLY), printing a table last.
 # QUEUE_FILE lines, run in order ('#' starts a comment):
 #   quality TAG JOB [key=value ...]   scripts/full_scale_quality.sh JOB on all GPUs (torchrun), the
@@ -43,24 +43,26 @@ elif [ "$mode" = run ]; then
       grep -a -E -B3 -A15 -m4 'Traceback|Error|error:' $q/runs/$tag/$job.stdout > $o/$tag.error 2>/dev/null
     fi
     cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
+    gzip -c $q/runs/$tag/$job/log.jsonl > $o/$tag.log.jsonl.gz 2>/dev/null   # per-iteration record, failed runs too
     last_lines $q/runs/$tag/$job.stdout > $o/$tag.stdout.end
     local mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
     [ -f "$mesh" ] && python3 -c "import sys, trimesh; trimesh.load(sys.argv[1], force='mesh', process=False).export(sys.argv[2])" \
       "$mesh" $q/meshes/$tag.ply
     echo "$tag" >> $q/done.txt
   }
-  grep -v '^\s*#' $q/queue.txt | grep -v '^\s*$' | while read -r kind tag rest; do
+  # The loop runs in this shell (not a pipeline's subshell), so the final wait sees its jobs.
+  while read -r kind tag rest; do
     if [ "$kind" = shell ]; then
       wait                                    # a shell line runs alone: its timings must not share the GPU
       echo "$tag" >> $q/started.txt
-      bash -c "$rest" > $o/$tag.log 2>&1; echo "rc $?" >> $o/$tag.log
+      bash -c "$rest" > $o/$tag.log 2>&1 < /dev/null; echo "rc $?" >> $o/$tag.log
       echo "$tag" >> $q/done.txt
     else
       while [ "$(jobs -rp | wc -l)" -ge "$slots" ]; do wait -n; done
       echo "$tag" >> $q/started.txt
       quality "$tag" $rest < /dev/null &   # not the queue's lines on its stdin
     fi
-  done
+  done < <(grep -v '^\s*#' $q/queue.txt | grep -v '^\s*$')
   wait
   echo ALL_DONE >> $q/done.txt
   exit 0
@@ -76,7 +78,7 @@ for running in $(grep -vxF -f <(cat $q/done.txt 2>/dev/null) $q/started.txt 2>/d
 done
 tar -czf "$OUT/results.tgz" -C $q out queue.log queue.txt
 tar -czf "$OUT/meshes.tgz" -C $q meshes
-echo "done: $(tr '\n' ' ' < $q/done.txt 2>/dev/null)"
+echo "done: $(tr '\n' ' ' 2>/dev/null < $q/done.txt)"
 for f in $q/out/eval_*.json; do
   [ -f "$f" ] && python3 -c "import json, sys; d = json.load(open(sys.argv[1])); e = d['eval']
 print(sys.argv[1].split('/')[-1], d['wall_s'], 's', 'chamfer %.3f%%' % (100 * e['chamfer']), 'iou %.3f' % e['iou'], 'psnr %.2f' % e['psnr'], e['image_kind'])" "$f"
