@@ -5,11 +5,12 @@ exports its result; the loop in trainer.py does everything else.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -189,7 +190,8 @@ class GeometryPhase:
         self._use_grid(self.grid_at(it))
         self.geo.sdf_net.set_active_levels(self.levels_at(it))
         draw = self.guide.draw(stage, it, cams, generator)     # queued before the render's host waits
-        surf = self.geo.extract_padded(self.capacity)
+        with self._surface_errors(it):                          # the first extraction reads its counts
+            surf = self.geo.extract_padded(self.capacity)
         x = self.render(surf.verts, surf.faces, cams, stage)
         sds = self.guide(x, stage, it, cams, generator, draw)
         used = torch.tensor(self.capacity.capacity)            # host values: the buffers this step had
@@ -202,11 +204,29 @@ class GeometryPhase:
             loss = loss + sdf_regularizer_weight(self.cfg.sdf_regularizer, it, self.cfg.iter) * reg
         return StepResult(loss=loss, sds=sds, device_values=values)
 
+    @contextlib.contextmanager
+    def _surface_errors(self, it: int) -> Iterator[None]:
+        """An empty surface's error, told when it happened and, with coarse hash-grid levels, the
+        likely cause: a smooth coarse SDF can lose a mostly thin shape before its parts form."""
+        from geometry.dmtet import EmptyMeshError
+        try:
+            yield
+        except EmptyMeshError as e:
+            hint = ""
+            k = self.cfg.sdf_levels_coarse
+            if k is not None and it > 1 and self.stage(it) == "geometry_coarse":
+                hint = (f" The shape was there before and sdf_levels_coarse={k} limits the coarse stage's SDF "
+                        "to its coarse hash-grid levels: a target made mostly of thin parts can vanish in the first "
+                        "iterations (docs/benchmarks/quality/session9: the stool at seed 42, with 5 and 7 levels). "
+                        "Unset sdf_levels_coarse, or try another seed.")
+            raise EmptyMeshError(f"iteration {it} ({self.stage(it)}): {e}{hint}") from e
+
     def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
         """The step's surface size for the log; resizes the surface buffers (see CapacityPlanner)."""
         from geometry.dmtet import PaddedSurface, SurfaceCapacity
         counts = [int(c) for c in values["surface"]]
-        self.geo.check_counts(counts)
+        with self._surface_errors(it):
+            self.geo.check_counts(counts)
         used = SurfaceCapacity(*(int(c) for c in values["capacity"]))
         if self.grid_at(it) == self.geo.grid_res:   # not the last step on the grid before a switch
             self.capacity.update(counts)

@@ -416,6 +416,21 @@ class Trainer:
         self.phase.prepare(resumed=self.start_it > 0)
         distributed.broadcast_params(self.params, self.info)  # sync point: identical start on every rank
         progress = self._progress()
+        try:
+            it = self._loop(progress)
+        finally:
+            if progress is not None:
+                progress.close()   # ends the bar's line, also when an error (printed next) leaves the loop
+        if self.info.is_main:
+            exported = self.phase.export(self.run_dir / "dmtet_mesh")
+            print(f"exported: {', '.join(str(p) for p in exported)}", flush=True)
+            if it == cfg.iter:
+                self.write_video()
+        distributed.barrier(self.info)  # sync point: no rank exits while rank 0 still writes
+
+    def _loop(self, progress: Any) -> int:
+        """Train from start_it to cfg.iter or a requested stop; returns the last iteration."""
+        cfg = self.cfg
         it, queued = self.start_it, None
         with InterruptHandler() as interrupt, _flushing(self):
             while it < cfg.iter:
@@ -435,14 +450,7 @@ class Trainer:
                     self.save_checkpoint(it)
                 if stop:
                     break
-        if progress is not None:
-            progress.close()
-        if self.info.is_main:
-            exported = self.phase.export(self.run_dir / "dmtet_mesh")
-            print(f"exported: {', '.join(str(p) for p in exported)}", flush=True)
-            if it == cfg.iter:
-                self.write_video()
-        distributed.barrier(self.info)  # sync point: no rank exits while rank 0 still writes
+        return it
 
     def _report(self, step: QueuedStep, progress: Any) -> bool:
         """Log a queued step's record and advance the progress bar; True when the run should stop."""

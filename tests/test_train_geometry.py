@@ -252,6 +252,28 @@ def test_appearance_with_unreadable_base_mesh(tmp_path: Path, tiny_sd_path: Path
     assert "broken.obj" in line
 
 
+def test_vanishing_shape_names_the_iteration_and_the_coarse_levels(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A shape that vanishes during training (here: the target is a dot, so every view asks for
+    an empty image) stops the run with one error line on its own line (not glued to the progress
+    bar) that names the iteration and, with sdf_levels_coarse set, that key; nothing is exported."""
+    import trimesh
+    target = tmp_path / "dot.obj"
+    trimesh.creation.icosphere(subdivisions=2, radius=0.03).export(target)
+    run_dir = tmp_path / "run"
+    cfg = write_config(tmp_path, {
+        "mode": "geometry_modeling", "guidance": "target_mesh", "target_mesh": str(target), "device": "cpu",
+        "seed": 7, "dmtet_grid": 32, "mesh_scale": 2.1, "train_res": [64, 64], "batch": 2, "iter": 80,
+        "coarse_iter": 80, "save_interval": 100, "sdf_init_iter": 60, "validate": False, "video_frames": 0,
+        "sdf_levels_coarse": 3, "early_time_step_range": [0.2, 0.6], "out_dir": str(run_dir)})
+    assert run_train(cfg) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    it = int(line.split("iteration ")[1].split(" ")[0])
+    assert 1 < it < 80 and "(geometry_coarse)" in line and "the shape vanished" in line, line
+    assert "sdf_levels_coarse=3" in line and "Unset sdf_levels_coarse" in line, line
+    assert len(read_log(run_dir)) < it and not (run_dir / "dmtet_mesh").exists()
+
+
 def test_ctrl_c_finishes_the_step_checkpoints_and_exports(tmp_path: Path, tiny_sd_path: Path) -> None:
     """Issue 6: Ctrl-C once stops cleanly. The step's values are read one step late, so the run stops
     one step after the interrupt; the checkpoint, the log and the export agree on that step."""
