@@ -45,6 +45,7 @@ elif [ "$mode" = run ]; then
     cp $q/evals/$tag/eval_$job.json $o/eval_$tag.json 2>/dev/null
     gzip -c $q/runs/$tag/$job/log.jsonl > $o/$tag.log.jsonl.gz 2>/dev/null   # per-iteration record, failed runs too
     last_lines $q/runs/$tag/$job.stdout > $o/$tag.stdout.end
+    head -c 3000 $q/runs/$tag/$job.stdout 2>/dev/null | tr '\r' '\n' | head -4 > $o/$tag.stdout.start   # pretraining
     local mesh=$q/runs/$tag/$job/dmtet_mesh/mesh.obj
     [ -f "$mesh" ] && python3 -c "import sys, trimesh; trimesh.load(sys.argv[1], force='mesh', process=False).export(sys.argv[2])" \
       "$mesh" $q/meshes/$tag.ply
