@@ -183,7 +183,7 @@ class GeometryPhase:
         # Same seed on every rank: identical pretraining, and rank 0's weights are broadcast anyway.
         loss = pretrain_sdf(self.geo, shape, iters=c.sdf_init_iter, seed=c.seed)
         if self.info.is_main:
-            print(f"SDF pretraining: {c.sdf_init_iter} steps, final mse {loss:.3e}", flush=True)
+            print(f"SDF pretraining: {c.sdf_init_iter} steps, final mse {loss:.3e} (last 10 steps)", flush=True)
 
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         stage = self.stage(it)
@@ -207,7 +207,7 @@ class GeometryPhase:
     @contextlib.contextmanager
     def _surface_errors(self, it: int) -> Iterator[None]:
         """An empty surface's error, told when it happened and, with coarse hash-grid levels, the
-        likely cause: a smooth coarse SDF can lose a mostly thin shape before its parts form."""
+        likely cause: a smooth coarse SDF from a loosely pretrained start can vanish early."""
         from geometry.dmtet import EmptyMeshError
         try:
             yield
@@ -216,9 +216,10 @@ class GeometryPhase:
             k = self.cfg.sdf_levels_coarse
             if k is not None and it > 1 and self.stage(it) == "geometry_coarse":
                 hint = (f" The shape was there before and sdf_levels_coarse={k} limits the coarse stage's SDF "
-                        "to its coarse hash-grid levels: a target made mostly of thin parts can vanish in the first "
-                        "iterations (docs/benchmarks/quality/session9: the stool at seed 42, with 5 and 7 levels). "
-                        "Unset sdf_levels_coarse, or try another seed.")
+                        "to its coarse hash-grid levels: from a loosely pretrained start it can vanish in the first "
+                        "iterations (docs/benchmarks/quality/session9: the stool at seed 42 vanished after 400 "
+                        "pretraining steps and trained after 2000). Raise sdf_init_iter (e.g. 2000), or unset "
+                        "sdf_levels_coarse.")
             raise EmptyMeshError(f"iteration {it} ({self.stage(it)}): {e}{hint}") from e
 
     def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:

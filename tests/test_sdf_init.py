@@ -1,6 +1,7 @@
 """SDF init shapes, transforms, degenerate inputs and CPU pretraining quality (grid 32)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,8 @@ import torch
 
 from geometry.dmtet import DMTetGeometry
 from geometry.hashgrid import HashGridOptions
-from geometry.sdf_init import (InitShape, InitShapeOptions, SdfInitError, SdfInitWarning,
-                               check_shape_in_grid, make_training_samples, pretrain_sdf)
+from geometry.sdf_init import (LOOSE_FIT_MSE, InitShape, InitShapeOptions, SdfInitError, SdfInitWarning,
+                               check_pretraining_fit, check_shape_in_grid, make_training_samples, pretrain_sdf)
 
 igl = pytest.importorskip("igl")
 trimesh = pytest.importorskip("trimesh")
@@ -155,6 +156,23 @@ def test_pretrain_ellipsoid_iou(one_thread) -> None:
     assert isinstance(loss, float) and loss < 1e-3
     iou = _iou(geo, lambda q: shape.sdf(q) < 0, mesh_scale)
     assert iou >= 0.9, iou
+
+
+def test_short_pretraining_warns_of_a_loose_fit(one_thread) -> None:
+    # 5 steps leave the ellipsoid far from fitted; the warning names the key to raise.
+    torch.manual_seed(0)
+    shape = InitShape(InitShapeOptions("ellipsoid", (0.6, 0.85, 0.6)))
+    geo = DMTetGeometry(16, 2.1, CPU_GRID, backend="torch")
+    with pytest.warns(SdfInitWarning, match=r"after 5 steps .* raise sdf_init_iter \(e\.g\. 2000\)"):
+        loss = pretrain_sdf(geo, shape, iters=5, batch_size=2048)
+    assert loss > LOOSE_FIT_MSE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SdfInitWarning)
+        # The fits measured on the GPU that trained (2.7e-5: 16 levels, 1.3e-6: 2000 steps) pass.
+        check_pretraining_fit(2.7e-5, 400)
+        check_pretraining_fit(1.3e-6, 2000)
+    with pytest.warns(SdfInitWarning):
+        check_pretraining_fit(1.8e-4, 400)     # 7 levels at seed 42: vanished after 19 steps
 
 
 def test_pretrain_open_torus_mesh_iou(tmp_path: Path, one_thread) -> None:

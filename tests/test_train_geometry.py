@@ -270,7 +270,7 @@ def test_vanishing_shape_names_the_iteration_and_the_coarse_levels(tmp_path: Pat
     line = _one_error_line(capsys.readouterr().err)
     it = int(line.split("iteration ")[1].split(" ")[0])
     assert 1 < it < 80 and "(geometry_coarse)" in line and "the shape vanished" in line, line
-    assert "sdf_levels_coarse=3" in line and "Unset sdf_levels_coarse" in line, line
+    assert "sdf_levels_coarse=3" in line and "Raise sdf_init_iter" in line, line
     assert len(read_log(run_dir)) < it and not (run_dir / "dmtet_mesh").exists()
 
 
