@@ -174,7 +174,7 @@ class GeometryPhase:
         self.geo.sdf_net.set_active_levels(self.levels_at(1))
         if resumed or self.cfg.sdf_init_iter == 0:
             return
-        from geometry.sdf_init import InitShape, InitShapeOptions, pretrain_sdf
+        from geometry.sdf_init import InitShape, InitShapeOptions, check_pretraining_fit, pretrain_sdf
         c = self.cfg
         base = str(resolve_path(c.base_mesh)) if c.base_mesh else None
         shape = InitShape(InitShapeOptions(shape=c.sdf_init_shape, scale=tuple(c.sdf_init_shape_scale),
@@ -184,6 +184,7 @@ class GeometryPhase:
         loss = pretrain_sdf(self.geo, shape, iters=c.sdf_init_iter, seed=c.seed)
         if self.info.is_main:
             print(f"SDF pretraining: {c.sdf_init_iter} steps, final mse {loss:.3e} (last 10 steps)", flush=True)
+            check_pretraining_fit(loss, c.sdf_init_iter)
 
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         stage = self.stage(it)

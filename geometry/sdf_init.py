@@ -200,14 +200,14 @@ def check_shape_in_grid(shape: InitShape, mesh_scale: float, grid_res: int | Non
         warnings.warn(f"the init shape sticks out of the grid box [-{half}, {half}]^3 by "
                       f"{overshoot:.3f} ({settings}); the part outside is cut off - use "
                       f"mesh_scale >= {2 * (half + overshoot):.2f} or a smaller scale",
-                      SdfInitWarning, stacklevel=3)
+                      SdfInitWarning, stacklevel=2)
     if grid_res is not None:
         cell = mesh_scale / (grid_res / 2)
         if float((hi - lo).min()) < 2 * cell:
             warnings.warn(f"the init shape is thinner ({float((hi - lo).min()):.3f}) than two tet "
                           f"grid cells ({2 * cell:.3f}) at dmtet_grid={grid_res} ({settings}); "
                           "it may vanish - use a larger scale or a finer grid",
-                          SdfInitWarning, stacklevel=3)
+                          SdfInitWarning, stacklevel=2)
 
 
 def make_training_samples(shape: InitShape, mesh_scale: float, n_surface: int = 10_000,
@@ -250,7 +250,7 @@ def check_pretraining_fit(mse: float, iters: int) -> None:
     if mse > LOOSE_FIT_MSE:
         warnings.warn(f"SDF pretraining ended at mse {mse:.2e} after {iters} steps (above {LOOSE_FIT_MSE:.0e}): "
                       "the initial shape is fitted loosely, and a loose start can vanish in the first SDS "
-                      f"steps; raise sdf_init_iter (e.g. {max(2000, 5 * iters)})", SdfInitWarning, stacklevel=3)
+                      f"steps; raise sdf_init_iter (e.g. {max(2000, 5 * iters)})", SdfInitWarning, stacklevel=2)
 
 
 def pretrain_sdf(geometry, shape: InitShape, iters: int = 400, batch_size: int = 10_240,
@@ -258,7 +258,7 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 400, batch_size: int =
                  ) -> float:
     """Regress the SDF channel of `geometry` (a DMTetGeometry) to the init shape's signed distance
     (MSE) for `iters` steps of Adam on random batches; returns the mean loss of the last 10 batches
-    (warning when it is above LOOSE_FIT_MSE).
+    (check it with check_pretraining_fit).
 
     The deformation channel is left alone (it starts near zero). The optimizer is local: the
     trainer builds its own for the SDS phase afterwards.
@@ -289,6 +289,4 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 400, batch_size: int =
         last = (last + [loss.detach()])[-10:]
         if it % 100 == 0 or it == iters - 1:
             log.info("SDF pretraining %d/%d: mse %.3e", it + 1, iters, loss.item())
-    mse = float(torch.stack(last).mean())
-    check_pretraining_fit(mse, iters)
-    return mse
+    return float(torch.stack(last).mean())
