@@ -14,9 +14,9 @@
 #                                     key=value overrides added (EXTRA); results named TAG
 #   shell TAG COMMAND...              any command, run from the tree's root, alone (after every
 #                                     quality job before it has ended); output in TAG.log
-# QUEUE_SLOTS=N (environment of `start`, default 1): up to N quality jobs at once. On one GPU the
-# target-mesh jobs leave it mostly idle (small kernels, host-bound), so a few at once finish
-# sooner in total; timings taken by `shell` lines still run alone.
+# QUEUE_SLOTS=N (environment of `start`, default 1): up to N quality jobs at once. Target-mesh jobs
+# launch small kernels, so several can share one GPU (3-6 on an H200 ran ~22 grid-128 iterations/s
+# in total, docs/benchmarks/quality/session9); timings taken by `shell` lines still run alone.
 set -u
 q=/tmp/gq
 mode=$1
