@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -275,7 +276,7 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 400, batch_size: int =
     params = [p for p in geometry.sdf_net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     loss = torch.zeros(())
-    last = []                                                        # the last 10 batch losses (device)
+    last: deque[torch.Tensor] = deque(maxlen=10)                     # the last 10 batch losses (device)
     for it in range(iters):
         idx = torch.randint(0, points.shape[0], (batch_size,), generator=gen).to(device)
         sdf, _ = geometry.sdf_net(points[idx])
@@ -286,7 +287,7 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 400, batch_size: int =
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        last = (last + [loss.detach()])[-10:]
+        last.append(loss.detach())
         if it % 100 == 0 or it == iters - 1:
             log.info("SDF pretraining %d/%d: mse %.3e", it + 1, iters, loss.item())
-    return float(torch.stack(last).mean())
+    return float(torch.stack(list(last)).mean())

@@ -348,12 +348,12 @@ def drop_enclosed_components(mesh: Mesh, min_inside: float = 0.95) -> tuple[Mesh
     face_label = face_component_labels(faces, verts.shape[0])                    # [F]
     sizes = np.bincount(face_label)                                              # faces per component
     labels = np.flatnonzero(sizes)
-    enclosed = np.zeros(len(sizes), dtype=bool)
     candidates = labels[labels != sizes.argmax()]
-    # Winding numbers add over faces: w(rest) = w(all) - w(own), so the whole surface's tree is
-    # built once (one call for every candidate's vertices) and each component's own only once.
     if len(candidates) == 0:
         return mesh, ComponentFilterReport(len(labels), 0, 0)
+    enclosed = np.zeros(len(sizes), dtype=bool)
+    # Winding numbers add over faces: w(rest) = w(all) - w(own), so the whole surface's tree is
+    # built once (one call for every candidate's vertices) and each component's own only once.
     own_faces = [faces[face_label == c] for c in candidates]                     # each: [Fc, 3]
     probes = [np.unique(f) for f in own_faces]                                   # each: its vertex ids
     w_all = igl.fast_winding_number(verts, faces, verts[np.concatenate(probes)])  # [sum P]
