@@ -273,6 +273,8 @@ class Config:
     encoder_backend: str = _k("auto", choice(*ENCODER_BACKENDS), "hash-grid backend")
     unet_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
                               "replay the diffusion UNet from a CUDA graph (auto: on CUDA)")
+    render_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES), "replay the geometry stages' ops after the "
+                                "rasterizer from CUDA graphs (auto: where nvdiffrast runs)")
     video_frames: int = _k(120, integer(0), "frames of the final turntable video (0: none)")
     mesh_min_component_fraction: float = _k(0.01, number(0.0, 0.999), "at geometry export, drop connected "
                                             "components with fewer than this fraction of the faces (0: keep all)")

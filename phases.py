@@ -19,7 +19,7 @@ import distributed
 from config import Config, resolve_path
 from dataset.cameras import CameraBatch
 from render import raster
-from render.normal_render import normal_to_display, render_normal_mask
+from render.normal_render import normal_render_inputs, normal_to_display, render_normal_mask, shade_normal_mask
 from render.util import resize_bilinear_aa
 from sd import SdsDraw
 from trainer import StepResult, to_uint8
@@ -97,16 +97,44 @@ def camera_chunks(cams: CameraBatch, size: int):
 # Geometry
 # ------------------------------------------------------------------------------------------------
 class NormalStageRenderer:
-    """Renders a mesh the way the geometry stages feed it to the guidance (shared with the target)."""
+    """Renders a mesh the way the geometry stages feed it to the guidance (shared with the target).
+
+    In training steps on nvdiffrast (render_cuda_graph), the ops after the rasterizer (interpolation,
+    shading, antialiasing and the stage's resize), forward and backward, replay from CUDA graphs:
+    the rasterizer leaves the device idle, and one replay replaces ~30 launches from Python.
+    Renders without gradients (validation, the target mesh) run eagerly.
+    """
 
     def __init__(self, cfg: Config, ctx: raster.RasterContext) -> None:
+        from render.cuda_graph import GraphedFunction
         self.cfg, self.ctx = cfg, ctx
+        mode = cfg.render_cuda_graph
+        if mode == "on" and ctx.backend != "nvdiffrast":
+            raise raster.RasterBackendError(
+                f"render_cuda_graph=on needs the nvdiffrast rasterizer on a CUDA device, got the {ctx.backend} "
+                f"backend on {ctx.device}; use render_cuda_graph=auto (graphs where nvdiffrast runs) or off")
+        use = mode == "on" or (mode == "auto" and ctx.backend == "nvdiffrast")
+        self.graph = GraphedFunction(self._after_raster, "normal image ops after the rasterizer",
+                                     "render_cuda_graph") if use else None
 
     def __call__(self, verts: torch.Tensor, faces: torch.Tensor, cams: CameraBatch, stage: str) -> torch.Tensor:
         coarse = stage == "geometry_coarse"
-        img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution,
-                                 cams.normal_rotate if coarse else None,
-                                 flip_normal=coarse and self.cfg.if_flip_the_normal)       # [B, H, W, 4]
+        rotate = cams.normal_rotate if coarse else None
+        flip = coarse and self.cfg.if_flip_the_normal
+        if self.graph is None or not (torch.is_grad_enabled() and verts.requires_grad):
+            img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution, rotate, flip)
+            return self._stage_input(img, coarse)
+        inputs = normal_render_inputs(verts, faces, cams.mvp, cams.campos, rotate)
+        rast, _ = raster.rasterize(self.ctx, inputs.pos_clip, inputs.tri, cams.resolution, grad_db=False)
+        return self.graph(inputs.attr, rast, inputs.pos_clip, inputs.tri, inputs.sign_table, static=(coarse, flip))
+
+    def _after_raster(self, attr: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor, tri: torch.Tensor,
+                      sign_table: torch.Tensor, static: tuple[bool, bool]) -> torch.Tensor:
+        coarse, flip = static
+        img = shade_normal_mask(self.ctx, attr, rast, pos_clip, tri, sign_table, flip)   # [B, H, W, 4]
+        return self._stage_input(img, coarse)
+
+    def _stage_input(self, img: torch.Tensor, coarse: bool) -> torch.Tensor:
         if coarse:  # normal xyz + mask used directly as the 4-channel latent
             size = latent_size(self.cfg)
             return resize_bilinear_aa(img, (size, size))                              # [B, 4, h, w]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -45,12 +45,32 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
     - `normal_rotate_bx3x3`: per-sample rotation applied as n @ R (row vectors, as the reference code).
     - `flip_normal`: the `if_flip_the_normal` trick, negating positive x components.
     - Composited over black and antialiased, so silhouettes carry gradients to `verts_vx3`.
+
+    The same as normal_render_inputs, rasterize, shade_normal_mask (the split a caller uses to
+    replay the part after the rasterizer from a CUDA graph).
     """
+    inputs = normal_render_inputs(verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, normal_rotate_bx3x3)
+    # Built before the rasterizer too: its kernels queue while the device is busy.
+    topology = raster.antialias_topology(inputs.tri, verts_vx3.shape[0], backend=ctx)
+    rast, _ = raster.rasterize(ctx, inputs.pos_clip, inputs.tri, resolution, grad_db=False)
+    return shade_normal_mask(ctx, inputs.attr, rast, inputs.pos_clip, inputs.tri, inputs.sign_table,
+                             flip_normal, topology)
+
+
+class NormalRenderInputs(NamedTuple):
+    """What the ops after the rasterizer need, made before it: their kernels are queued while the
+    device is busy, before the rasterizer makes the host wait for the device."""
+    attr: Tensor          # [1 or B, V, 3] unit vertex normals (rotated per camera when asked)
+    pos_clip: Tensor      # [B, V, 4] clip-space positions
+    tri: Tensor           # [F, 3] int32 faces
+    sign_table: Tensor    # [B, F + 1] per (camera, face id + 1): +-1 two-sided sign, 0 background
+
+
+def normal_render_inputs(verts_vx3: Tensor, faces_fx3: Tensor, mvp_bx4x4: Tensor, campos_bx3: Tensor,
+                         normal_rotate_bx3x3: Tensor | None = None) -> NormalRenderInputs:
+    """The first part of render_normal_mask (its arguments and checks)."""
     b = _check_inputs(verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, normal_rotate_bx3x3)
     f = faces_fx3.long()
-    tri = faces_fx3.to(torch.int32)
-    # Everything that does not need the rasterizer's output comes first: its kernels are queued
-    # while the device is busy, before the rasterizer makes the host wait for the device.
     face_n, v_nrm = _face_and_vertex_normals(verts_vx3, f)
     if normal_rotate_bx3x3 is not None:
         # Rotating the vertex normals equals rotating the interpolated, normalized pixel normals:
@@ -59,7 +79,6 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
     else:
         attr = v_nrm[None].contiguous()                                             # [1, V, 3]
     pos_clip = raster.clip_positions(verts_vx3, mvp_bx4x4)                         # [B, V, 4]
-    topology = raster.antialias_topology(tri, verts_vx3.shape[0], backend=ctx)
     # Two-sided: the sign comes from the geometric normal, which is what "facing away" means.
     # A triangle is planar, so (campos - p) . n_f has one sign for every point p of the face:
     # it is evaluated per (camera, face) and looked up per pixel together with the mask
@@ -70,12 +89,19 @@ def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: 
         view_dot = torch.mm(campos_bx3, n_f.t()) - (v0 * n_f).sum(-1)               # [B, F]
         sign_bf = torch.where(view_dot >= 0, 1.0, -1.0).to(verts_vx3.dtype)
         table = torch.cat([sign_bf.new_zeros(b, 1), sign_bf], dim=1)               # [B, F + 1]
+    return NormalRenderInputs(attr, pos_clip, faces_fx3.to(torch.int32), table)
 
-    rast, _ = raster.rasterize(ctx, pos_clip, tri, resolution, grad_db=False)
-    gb_nrm, _ = raster.interpolate(attr, rast, tri, backend=ctx)                   # [B, H, W, 3]
-    # One autograd node with fewer kernels (9 instead of 11, 10 instead of 14 flipped): the host
-    # launches them while the device idles after the rasterizer's synchronization.
-    image = _ShadeNormals.apply(gb_nrm, rast, table, flip_normal)                   # [B, H, W, 4]
+
+def shade_normal_mask(ctx: raster.RasterContext | str, attr: Tensor, rast: Tensor, pos_clip: Tensor, tri: Tensor,
+                      sign_table: Tensor, flip_normal: bool = False, topology: Any = None) -> Tensor:
+    """The part of render_normal_mask after the rasterizer: [B, H, W, 4] from `rast` [B, H, W, 4]
+    and NormalRenderInputs. `topology`: raster.antialias_topology(tri, V), built here when None."""
+    if topology is None:
+        topology = raster.antialias_topology(tri, pos_clip.shape[-2], backend=ctx)
+    gb_nrm, _ = raster.interpolate(attr, rast, tri, backend=ctx)                    # [B, H, W, 3]
+    # One autograd node with fewer kernels (9 instead of 11, 10 instead of 14 flipped): without a
+    # CUDA graph the host launches them while the device idles after the rasterizer's synchronization.
+    image = _ShadeNormals.apply(gb_nrm, rast, sign_table, flip_normal)              # [B, H, W, 4]
     return raster.antialias(image, rast, pos_clip, tri, backend=ctx, topology=topology)
 
 

@@ -102,7 +102,10 @@ def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> d
         geo = phase.geo
         sdf, deform = geo.sdf_and_deform()
         verts_g = geo.deformed_verts(deform)
-        verts, faces = marching_tets(verts_g, sdf, geo.tets, geo.topology)
+        # Rendered from the padded surface, as in training: the same shapes reuse the step's CUDA
+        # graph of the ops after the rasterizer (render_cuda_graph) instead of capturing another.
+        surf = geo.extract_padded(phase.capacity)
+        verts, faces = surf.verts, surf.faces
         name = "geometry_coarse" if stage == "coarse" else "geometry_fine"
         x = phase.render(verts, faces, cams, name)
         parts["geometry network fwd"] = lambda: geo.sdf_and_deform()
