@@ -48,7 +48,7 @@ class GraphedFunction:
     ``switch`` names the config key that turns the graph off (quoted in capture errors).
     """
 
-    def __init__(self, fn: Callable[..., Tensor], name: str, switch: str, warmup: int = 2) -> None:
+    def __init__(self, fn: Callable[..., Tensor], name: str, switch: str, warmup: int = 1) -> None:
         self.fn, self.name, self.switch, self.warmup = fn, name, switch, warmup
         self.captures = 0                          # how many times a graph was captured
         self._cap: _Capture | None = None

@@ -85,9 +85,10 @@ def _sphere_param(device: str) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("stage", ["geometry_coarse", "geometry_fine"])
 def test_stage_renderer_graph_matches_eager(stage: str) -> None:
-    cfg_on = _cfg("render_cuda_graph=on", "train_res=[256,256]", "batch=4")
+    size = ("train_res=[256,256]", "batch=4")
+    cfg_on = _cfg("render_cuda_graph=on", *size)
     ctx = raster.make_context("cuda", "nvdiffrast")
-    graphed, eager = NormalStageRenderer(cfg_on, ctx), NormalStageRenderer(_cfg("render_cuda_graph=off"), ctx)
+    graphed, eager = NormalStageRenderer(cfg_on, ctx), NormalStageRenderer(_cfg("render_cuda_graph=off", *size), ctx)
     assert graphed.graph is not None and eager.graph is None
     base, faces = _sphere_param("cuda")
     gen = torch.Generator().manual_seed(3)
@@ -104,11 +105,14 @@ def test_stage_renderer_graph_matches_eager(stage: str) -> None:
             (g,) = torch.autograd.grad(x, verts, grad_out)
             outs.append(x.clone())
             grads.append(g)
-        # The same kernels in the same order; nvdiffrast's antialiasing and its backward add with
-        # atomics, whose order varies run to run: a few float32 ulps of values of order 1, and of
-        # the largest vertex gradients (checked relative to their scale).
+        # The same kernels in the same order. nvdiffrast's antialiasing adds with atomics (outputs
+        # within float32 ulps), and now and then gives a contested silhouette pixel pair to either of
+        # two edges: eager against eager, 2 vertices then differ by up to 3% of the largest gradient,
+        # the rest by <= 2e-7 of it (docs/benchmarks/perf/session10/graph_vs_eager.txt). So: every
+        # vertex to 1e-5 of that scale, except at most 6 (three contested pairs).
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
         scale = float(grads[1].abs().max())
         assert scale > 0
-        torch.testing.assert_close(grads[0] / scale, grads[1] / scale, rtol=1e-4, atol=1e-5)
+        off = (grads[0] - grads[1]).abs().amax(1) / scale                       # [V]
+        assert int((off > 1e-5).sum()) <= 6, f"{int((off > 1e-5).sum())} vertices differ: {off.topk(8).values}"
     assert graphed.graph.captures == 1
