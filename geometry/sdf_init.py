@@ -249,7 +249,7 @@ LOOSE_FIT_MSE = 1.5e-4
 def check_pretraining_fit(mse: float, iters: int) -> None:
     """Warn (SdfInitWarning) when the pretraining's final mse says the init shape is fitted loosely."""
     if mse > LOOSE_FIT_MSE:
-        warnings.warn(f"SDF pretraining ended at mse {mse:.2e} after {iters} steps (above {LOOSE_FIT_MSE:.0e}): "
+        warnings.warn(f"SDF pretraining ended at mse {mse:.2e} after {iters} steps (above {LOOSE_FIT_MSE:.1e}): "
                       "the initial shape is fitted loosely, and a loose start can vanish in the first SDS "
                       f"steps; raise sdf_init_iter (e.g. {max(2000, 5 * iters)})", SdfInitWarning, stacklevel=2)
 

@@ -108,7 +108,7 @@ def test_stage_renderer_graph_matches_eager(stage: str) -> None:
         # The same kernels in the same order. nvdiffrast's antialiasing adds with atomics (outputs
         # within float32 ulps), and now and then gives a contested silhouette pixel pair to either of
         # two edges: eager against eager, 2 vertices then differ by up to 3% of the largest gradient,
-        # the rest by <= 2e-7 of it (docs/benchmarks/perf/session10/graph_vs_eager.txt). So: every
+        # the rest by <= 2e-7 of it (docs/benchmarks/perf/session10/lease4/graph_vs_eager.txt). So: every
         # vertex to 1e-5 of that scale, except at most 6 (three contested pairs).
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
         scale = float(grads[1].abs().max())

@@ -166,7 +166,7 @@ def test_short_pretraining_warns_of_a_loose_fit(one_thread) -> None:
     geo = DMTetGeometry(16, 2.1, CPU_GRID, backend="torch")
     loss = pretrain_sdf(geo, shape, iters=5, batch_size=2048)
     assert loss > LOOSE_FIT_MSE
-    with pytest.warns(SdfInitWarning, match=r"after 5 steps .* raise sdf_init_iter \(e\.g\. 2000\)"):
+    with pytest.warns(SdfInitWarning, match=r"after 5 steps \(above 1\.5e-04\): .* raise sdf_init_iter \(e\.g\. 2000\)"):
         check_pretraining_fit(loss, 5)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SdfInitWarning)
