@@ -121,21 +121,24 @@ def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> d
     return {k: round(statistics.median(timed(fn, device, iters, 2)), 3) for k, fn in parts.items()}
 
 
-def run_steps(trainer, first_it: int, n: int, starts: list | None = None) -> list[float]:
+def run_steps(trainer, first_it: int, n: int, starts: list | None = None,
+              records: list | None = None) -> list[float]:
     """Steps first_it.. as Trainer.fit runs them (each step's record read while the next one is
-    queued); the host ms of each step. `starts` (CUDA): receives each step's start event."""
+    queued); the host ms of each step. `starts` (CUDA): receives each step's start event;
+    `records`: each step's log record."""
     host_ms, queued = [], None
-    for it in range(first_it, first_it + n):
-        step = trainer.train_step(it)
-        start = trainer.step_start_event(it)
-        if starts is not None and start is not None:
-            starts.append(start)
+    for it in range(first_it, first_it + n + 1):
+        step = trainer.train_step(it) if it < first_it + n else None
+        if step is not None:
+            start = trainer.step_start_event(it)
+            if starts is not None and start is not None:
+                starts.append(start)
+            host_ms.append(step.ms)
         if queued is not None:
-            trainer.finish_step(queued)
+            record = trainer.finish_step(queued)
+            if records is not None:
+                records.append(record)
         queued = step
-        host_ms.append(step.ms)
-    if queued is not None:
-        trainer.finish_step(queued)
     return host_ms
 
 
@@ -282,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON output path")
     ap.add_argument("--profile", default=None, metavar="DIR",
                     help="also profile 5 steps (CUDA only): operator tables and a trace into DIR")
+    ap.add_argument("--frozen", action="store_true",
+                    help="learning rate 0: the same work per step, but the geometry keeps its initial surface "
+                         "(the random-weight guidance otherwise shrinks it to a few thousand faces)")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
 
@@ -305,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     phase = build_phase(cfg, info, tmp)
     trainer = Trainer(cfg, info, phase, tmp, make_generators(cfg.seed, info))
     phase.prepare(resumed=False)
+    if args.frozen:   # AdamW at lr 0 still reads and writes every state: the step's work is unchanged
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = 0.0
     it0 = 0 if args.stage != "fine" else 1  # fine: iterations past coarse_iter=0
     run_steps(trainer, it0 + 1, args.warmup)
     # The trainer does not synchronize per step (the host runs ahead), so the iteration time is the
@@ -313,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     sync()
     t_all = time.perf_counter()
     starts: list = []
-    step_ms = run_steps(trainer, it0 + args.warmup + 1, args.iters, starts)
+    records: list = []
+    step_ms = run_steps(trainer, it0 + args.warmup + 1, args.iters, starts, records)
     sync()
     mean_ms = (time.perf_counter() - t_all) * 1000 / args.iters
     periods = device_periods_ms(starts)                 # [iters - 1] device ms of each step
@@ -338,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "raster_backend": phase.ctx.backend,
               "encoder_backend": getattr(getattr(phase, "geo", None), "sdf_net", None) and phase.geo.sdf_net.backend,
+              "frozen": args.frozen,
+              **({"faces_median": statistics.median(r["faces"] for r in records)} if records and "faces" in records[0]
+                 else {}),
               "iteration_ms": round(med, 3), "iteration_ms_note": "wall time of consecutive steps / count",
               "host_step_ms_median": round(statistics.median(step_ms), 3),
               # The median step: device time between consecutive steps' starts. Robust to rare
