@@ -270,7 +270,8 @@ class Config:
                                   "emulate this many GPUs' camera sectors by gradient accumulation")
     resume: str | None = _k(None, path_or_none, "checkpoint to resume, or 'auto' for the run folder's last")
     raster_backend: str = _k("auto", choice(*BACKENDS), "rasterizer backend")
-    encoder_backend: str = _k("auto", choice(*ENCODER_BACKENDS), "hash-grid backend")
+    encoder_backend: str = _k("auto", choice(*ENCODER_BACKENDS),
+                              "hash-grid backend (with triton, also marching tets' classification)")
     unet_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
                               "replay the diffusion UNet from a CUDA graph (auto: on CUDA)")
     render_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES), "replay the geometry stages' ops after the "

@@ -364,10 +364,10 @@ class _SurfaceTopology(NamedTuple):
 
 @torch.no_grad()
 def _surface_topology(sdf_d: torch.Tensor, tets_tx4: torch.Tensor, topo: TetTopology,
-                      capacity: SurfaceCapacity | None) -> _SurfaceTopology:
-    """Which edges cross and the faces between them, from the SDF's signs alone."""
-    table, bits = _device_tables(sdf_d.device)
-    corner, n_in, active, crossing, counts = _classify(sdf_d, tets_tx4, topo)
+                      capacity: SurfaceCapacity | None, backend: str = "torch") -> _SurfaceTopology:
+    """Which edges cross and the faces between them, from the SDF's signs alone (`backend`: _classify's)."""
+    table, _ = _device_tables(sdf_d.device)
+    code_t, n_in, active, crossing, counts = _classify(sdf_d, tets_tx4, topo, backend)
     if capacity is None:
         n_bad, n_act, n_two, n_cross = counts.tolist()                           # the one host sync
         if n_bad:
@@ -376,8 +376,7 @@ def _surface_topology(sdf_d: torch.Tensor, tets_tx4: torch.Tensor, topo: TetTopo
     n_out = capacity.verts + 1                                                   # output vertices
     act = torch.nonzero_static(active, size=capacity.tets).squeeze(1)            # [Ta] in tet order
     act_ok = torch.arange(capacity.tets, device=act.device) < counts[1]          # real rows (not fill)
-    act_corner = corner[act]                                                     # [Ta, 4]
-    code = (act_corner * bits).sum(1)                                            # [Ta] int64 in 1..14
+    code = code_t[act].long()                                                    # [Ta] in 1..14
     vid = torch.cumsum(crossing, 0) - 1                                          # [E] id at crossing edges
     edge_vid = vid[topo.tet_edges[act]]                                          # [Ta, 6]
     tri = table[code].clamp(min=0)                                               # [Ta, 2, 3]; fill rows: any
@@ -425,21 +424,37 @@ def _edge_ends(ia: torch.Tensor, ib: torch.Tensor, v_ok: torch.Tensor, n_grid: i
 
 
 class _Classified(NamedTuple):
-    corner: torch.Tensor        # [T, 4] uint8: 1 where the tet corner is inside (sdf < 0)
+    code: torch.Tensor          # [T] uint8: sum of 2^k over the tet's corners k inside (sdf < 0), 0..15
     n_in: torch.Tensor          # [T] uint8 corners inside
     active: torch.Tensor        # [T] bool: the tet crosses the surface
     crossing: torch.Tensor      # [E] bool: the edge crosses the surface
     counts: torch.Tensor        # [4] int64: non-finite sdf, crossing tets, two-triangle tets, crossing edges
 
 
-def _classify(sdf_d: torch.Tensor, tets_tx4: torch.Tensor, topo: TetTopology) -> _Classified:
+CLASSIFY_BACKENDS = ("torch", "triton")
+
+
+def _classify(sdf_d: torch.Tensor, tets_tx4: torch.Tensor, topo: TetTopology, backend: str = "torch") -> _Classified:
+    """Which tets and edges cross the surface. backend "triton": geometry/dmtet_triton.py's two
+    fused kernels (CUDA, or CPU under TRITON_INTERPRET=1), equal to the "torch" reference bit for bit."""
+    if backend == "triton":
+        from geometry.dmtet_triton import classify_triton
+        return _Classified(*classify_triton(sdf_d, tets_tx4, topo.edges))
+    if backend != "torch":
+        raise ValueError(f"_classify: backend must be one of {CLASSIFY_BACKENDS}, got {backend!r}")
+    return _classify_torch(sdf_d, tets_tx4, topo)
+
+
+def _classify_torch(sdf_d: torch.Tensor, tets_tx4: torch.Tensor, topo: TetTopology) -> _Classified:
+    _, bits = _device_tables(sdf_d.device)
     inside_u8 = (sdf_d < 0).to(torch.uint8)                                     # [V]
     corner = inside_u8[tets_tx4]                                                 # [T, 4] uint8
     n_in = corner.sum(1, dtype=torch.uint8)                                      # [T] corners inside
+    code = (corner * bits).sum(1, dtype=torch.uint8)                             # [T] 0..15
     active = (n_in > 0) & (n_in < 4)                                             # crosses the surface
     crossing = inside_u8[topo.edges[:, 0]] != inside_u8[topo.edges[:, 1]]        # [E]
     counts = torch.stack([(~torch.isfinite(sdf_d)).sum(), active.sum(), (n_in == 2).sum(), crossing.sum()])
-    return _Classified(corner, n_in, active, crossing, counts)
+    return _Classified(code, n_in, active, crossing, counts)
 
 
 def _pad_faces(faces_fx3: torch.Tensor, row_ok: torch.Tensor, n_verts: int) -> torch.Tensor:
@@ -561,6 +576,9 @@ class DMTetGeometry(nn.Module):
         half = 0.5 * self.mesh_scale
         aabb_2x3 = torch.tensor([[-half] * 3, [half] * 3], dtype=torch.float32, device=device)
         self.sdf_net = SDFNetwork(aabb_2x3, encoder_opts, backend=backend)
+        # The geometry's Triton kernels go together: with the hash grid's "triton" backend the
+        # training extraction also classifies tets with Triton (geometry/dmtet_triton.py).
+        self.classify_backend = "triton" if self.sdf_net.backend == "triton" else "torch"
 
     def _register_grid(self, grid_res: int, device: torch.device) -> None:
         verts, tets = tet_grid(grid_res, self.cache_dir)
@@ -619,10 +637,10 @@ class DMTetGeometry(nn.Module):
         with torch.no_grad():
             sdf_all, deform_all = self.sdf_and_deform()                          # [V], [V, 3]
         if planner.capacity is None:   # the one host read: nothing to size the buffers from yet
-            counts = _classify(sdf_all, self.tets, self.topology).counts.tolist()
+            counts = _classify(sdf_all, self.tets, self.topology, self.classify_backend).counts.tolist()
             self.check_counts(counts)
             planner.update(counts)
-        st = _surface_topology(sdf_all, self.tets, self.topology, planner.capacity)
+        st = _surface_topology(sdf_all, self.tets, self.topology, planner.capacity, self.classify_backend)
         ends, slot_a, slot_b, ends_ok, n_ends = _edge_ends(st.ia, st.ib, st.v_ok, self.grid_verts.shape[0])
         sdf_e, deform_e = self.sdf_net(self.grid_verts[ends])                   # [U], [U, 3] with gradients
         pos_e = self.deformed_verts(deform_e, ends)
