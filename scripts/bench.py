@@ -15,7 +15,9 @@ backward, optimizer); and peak GPU memory. key=value overrides as in train.py. `
 adds per-step device-busy time, kernel launches, syncs, where the host waited for the device
 (``host_waits_ms_per_step``: by this repository's innermost function around each blocking call) and
 what the idle device waited for (``device_idle_by_host_frame_ms_per_step``: each gap charged to the
-host code that launched the work ending it).
+host code that launched the work ending it). ``--frozen`` sets the learning rate to 0: the same work
+per step on the initial surface, which random guidance would otherwise reshape differently in every
+run (the result's ``faces_median``).
 """
 from __future__ import annotations
 
