@@ -29,11 +29,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is written for the user: printed as one line, exit code 1."""
     from geometry.dmtet import EmptyMeshError
     from geometry.sdf_init import SdfInitError
+    from render.cuda_graph import CudaGraphCaptureError
     from render.light import EnvMapError
     from render.mesh import MeshError
     from sd import ModelNotFoundError
     return (EmptyMeshError, SdfInitError, EnvMapError, MeshError, ModelNotFoundError,
-            raster.RasterBackendError)
+            raster.RasterBackendError, CudaGraphCaptureError)
 
 
 # ------------------------------------------------------------------------------------------------
