@@ -129,18 +129,22 @@ def run_steps(trainer, first_it: int, n: int, starts: list | None = None,
     queued); the host ms of each step. `starts` (CUDA): receives each step's start event;
     `records`: each step's log record."""
     host_ms, queued = [], None
-    for it in range(first_it, first_it + n + 1):
-        step = trainer.train_step(it) if it < first_it + n else None
-        if step is not None:
-            start = trainer.step_start_event(it)
-            if starts is not None and start is not None:
-                starts.append(start)
-            host_ms.append(step.ms)
+
+    def finish(step) -> None:
+        record = trainer.finish_step(step)
+        if records is not None:
+            records.append(record)
+    for it in range(first_it, first_it + n):
+        step = trainer.train_step(it)
+        start = trainer.step_start_event(it)
+        if starts is not None and start is not None:
+            starts.append(start)
         if queued is not None:
-            record = trainer.finish_step(queued)
-            if records is not None:
-                records.append(record)
+            finish(queued)
         queued = step
+        host_ms.append(step.ms)
+    if queued is not None:
+        finish(queued)
     return host_ms
 
 

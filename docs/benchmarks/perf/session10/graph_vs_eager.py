@@ -17,24 +17,24 @@ from render import raster  # noqa: E402
 from trainer import camera_options  # noqa: E402
 
 
-def main() -> None:
+def main(device: torch.device) -> None:
     size = ["train_res=[256,256]", "batch=4"]
     cfg = lambda mode: load_config(REPO / "configs/tiny_cpu_geometry.json", [f"render_cuda_graph={mode}", *size])
-    ctx = raster.make_context("cuda", "nvdiffrast")
+    ctx = raster.make_context(device, "nvdiffrast")
     s = trimesh.creation.icosphere(subdivisions=4, radius=0.4)
-    base = torch.tensor(s.vertices, dtype=torch.float32, device="cuda")
-    faces = torch.tensor(s.faces, dtype=torch.int64, device="cuda")
+    base = torch.tensor(s.vertices, dtype=torch.float32, device=device)
+    faces = torch.tensor(s.faces, dtype=torch.int64, device=device)
     for stage in ("geometry_coarse", "geometry_fine"):
         graphed, eager = NormalStageRenderer(cfg("on"), ctx), NormalStageRenderer(cfg("off"), ctx)
-        gen, dgen = torch.Generator().manual_seed(3), torch.Generator(device="cuda").manual_seed(3)
+        gen, dgen = torch.Generator().manual_seed(3), torch.Generator(device=device).manual_seed(3)
         for step in range(3):
-            cams = sample_train_cameras(4, azimuth_sector(step, 4), camera_options(cfg("on")), gen, "cuda")
-            bumped = base * (1 + 0.1 * torch.rand(base.shape[0], 1, device="cuda", generator=dgen))
+            cams = sample_train_cameras(4, azimuth_sector(step, 4), camera_options(cfg("on")), gen, device)
+            bumped = base * (1 + 0.1 * torch.rand(base.shape[0], 1, device=device, generator=dgen))
             res = []
             for r in (graphed, eager, eager, graphed):
                 v = bumped.clone().requires_grad_(True)
                 x = r(v, faces, cams, stage)
-                g_out = torch.sin(torch.arange(x.numel(), device="cuda", dtype=x.dtype).view_as(x))
+                g_out = torch.sin(torch.arange(x.numel(), device=device, dtype=x.dtype).view_as(x))
                 (g,) = torch.autograd.grad(x, v, g_out)
                 res.append((x.clone(), g))
             ref_x, ref_g = res[1]
@@ -46,4 +46,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="a CUDA device (nvdiffrast and CUDA graphs need one)")
+    main(torch.device(ap.parse_args().device))
