@@ -156,6 +156,21 @@ def sdf_levels_at(cfg: Config, it: int, n_levels: int) -> int:
     return min(n_levels, k + math.ceil((n_levels - k) * (it - cfg.coarse_iter) / cfg.sdf_levels_ramp))
 
 
+def coarse_levels_vanishing_hint(levels: int, pretrain_mse: float | None) -> str:
+    """Advice for a shape that vanished in the coarse stage with sdf_levels_coarse=`levels`, by
+    the SDF pretraining's final mse (None: no pretraining this run, e.g. resumed)."""
+    from geometry.sdf_init import LOOSE_FIT_MSE
+    head = (f"The shape was there before and sdf_levels_coarse={levels} limits the coarse stage's SDF to its "
+            "coarse hash-grid levels")
+    if pretrain_mse is not None and pretrain_mse <= LOOSE_FIT_MSE:
+        return (f"{head}; its pretraining fitted the initial shape well (mse {pretrain_mse:.1e}), so the guidance "
+                "(or a regularizer) removed it: unset sdf_levels_coarse, or lower guidance_weight.")
+    fit = "" if pretrain_mse is None else f" (this run's: mse {pretrain_mse:.1e}, above {LOOSE_FIT_MSE:.1e})"
+    return (f"{head}: from a loosely pretrained start{fit} it can vanish in the first iterations "
+            "(docs/benchmarks/quality/session9: the stool at seed 42 vanished after 400 pretraining steps and "
+            "trained after 2000). Raise sdf_init_iter (e.g. 2000), or unset sdf_levels_coarse.")
+
+
 class GeometryPhase:
     name = "geometry"
     lr = 1e-3
@@ -170,6 +185,7 @@ class GeometryPhase:
         self.capacity = CapacityPlanner()
         self.render = NormalStageRenderer(cfg, self.ctx)
         self.guide = Guide(cfg, info.device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
+        self.pretrain_mse: float | None = None     # the SDF pretraining's final mse, once it ran
 
     def _target_renderer(self):
         from render.mesh import load_mesh
@@ -211,6 +227,7 @@ class GeometryPhase:
                                            translation_z=c.translation_z, base_mesh=base))
         # Same seed on every rank: identical pretraining, and rank 0's weights are broadcast anyway.
         loss = pretrain_sdf(self.geo, shape, iters=c.sdf_init_iter, seed=c.seed)
+        self.pretrain_mse = loss
         if self.info.is_main:
             print(f"SDF pretraining: {c.sdf_init_iter} steps, final mse {loss:.3e} (last 10 steps)", flush=True)
             check_pretraining_fit(loss, c.sdf_init_iter)
@@ -243,13 +260,8 @@ class GeometryPhase:
             yield
         except EmptyMeshError as e:
             hint = ""
-            k = self.cfg.sdf_levels_coarse
-            if k is not None and it > 1 and self.stage(it) == "geometry_coarse":
-                hint = (f" The shape was there before and sdf_levels_coarse={k} limits the coarse stage's SDF "
-                        "to its coarse hash-grid levels: from a loosely pretrained start it can vanish in the first "
-                        "iterations (docs/benchmarks/quality/session9: the stool at seed 42 vanished after 400 "
-                        "pretraining steps and trained after 2000). Raise sdf_init_iter (e.g. 2000), or unset "
-                        "sdf_levels_coarse.")
+            if self.cfg.sdf_levels_coarse is not None and it > 1 and self.stage(it) == "geometry_coarse":
+                hint = " " + coarse_levels_vanishing_hint(self.cfg.sdf_levels_coarse, self.pretrain_mse)
             raise EmptyMeshError(f"iteration {it} ({self.stage(it)}): {e}{hint}") from e
 
     def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:

@@ -271,7 +271,22 @@ def test_vanishing_shape_names_the_iteration_and_the_coarse_levels(tmp_path: Pat
     it = int(line.split("iteration ")[1].split(" ")[0])
     assert 1 < it < 80 and "(geometry_coarse)" in line and "the shape vanished" in line, line
     assert "sdf_levels_coarse=3" in line and "Raise sdf_init_iter" in line, line
+    assert "this run's: mse" in line, line     # 60 pretraining steps fit loosely; the advice says so
     assert len(read_log(run_dir)) < it and not (run_dir / "dmtet_mesh").exists()
+
+
+def test_vanishing_hint_advises_more_pretraining_only_after_a_loose_fit() -> None:
+    """Session 11: a run pretrained for 2000 steps to mse 1.1e-6 vanished (under a strong
+    regularizer) and was told to raise sdf_init_iter. The advice now follows the fit."""
+    from geometry.sdf_init import LOOSE_FIT_MSE
+    from phases import coarse_levels_vanishing_hint
+    tight = coarse_levels_vanishing_hint(5, 1.1e-6)
+    assert "sdf_levels_coarse=5" in tight and "mse 1.1e-06" in tight and "guidance_weight" in tight, tight
+    assert "sdf_init_iter" not in tight, tight
+    loose = coarse_levels_vanishing_hint(5, 3.6e-4)
+    assert "mse 3.6e-04" in loose and f"above {LOOSE_FIT_MSE:.1e}" in loose and "Raise sdf_init_iter" in loose, loose
+    unknown = coarse_levels_vanishing_hint(5, None)                     # resumed: no pretraining this run
+    assert "Raise sdf_init_iter" in unknown and "mse" not in unknown, unknown
 
 
 def test_ctrl_c_finishes_the_step_checkpoints_and_exports(tmp_path: Path, tiny_sd_path: Path) -> None:
