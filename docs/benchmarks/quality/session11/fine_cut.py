@@ -8,15 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
-from scripts import evaluate as ev  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "session5"))
+from cross_section import cut  # noqa: E402
 
-out, ref = ev.load_surface(sys.argv[1]), ev.load_surface(sys.argv[2])
-xs, ys = np.linspace(-0.5, 0.5, 81), np.linspace(0.02, -0.22, 25)
-points = np.array([[x, y, 0.0] for y in ys for x in xs])
-a = ev.inside(out, points).reshape(len(ys), len(xs))
-b = ev.inside(ref, points).reshape(len(ys), len(xs))
-for i, y in enumerate(ys):
-    print(f"{y:+.3f} " + "".join("#" if a[i, j] and b[i, j] else "+" if a[i, j] else "-" if b[i, j] else "."
-                                 for j in range(len(xs))))
-print("# both, + output only (extra), - reference only (missing)")
+print(cut(sys.argv[1], sys.argv[2], np.linspace(-0.5, 0.5, 81), np.linspace(0.02, -0.22, 25), "{:+.3f} "))
