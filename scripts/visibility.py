@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     print(json.dumps({k: v for k, v in result.items() if k in ("visible_area_fraction", "carved_iou_bound",
-                                                                 "carved_iou_bound_by_min_cameras")}))
+                                                                 "carved_iou_bound_by_min_cameras",
+                                                                 "unseen_samples_bbox")}))
     return 0
 
 
