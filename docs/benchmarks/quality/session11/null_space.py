@@ -64,16 +64,17 @@ def main() -> None:
         with torch.no_grad():
             return torch.cat([render(v, f, c, "geometry_coarse") for c in camera_chunks(cams, 8)])   # [N, 4, 64, 64]
 
-    ref_mesh = variants["cup (reference)"]
-    ref = latents(ref_mesh)
-    ref_surf = ev.Surface(np.asarray(ref_mesh.vertices, dtype=np.float64), np.asarray(ref_mesh.faces), "cup")
+    def surface(mesh, name: str) -> ev.Surface:
+        return ev.Surface(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), name)
+
+    lat = {name: latents(mesh) for name, mesh in variants.items()}                  # each [N, 4, 64, 64]
+    ref, ref_surf = lat["cup (reference)"], surface(variants["cup (reference)"], "cup")
     print(f"{'variant':45s} {'sum sq. latent diff':>20s} {'cameras seeing it':>18s} {'IoU with the cup':>17s}")
     for name, mesh in variants.items():
-        diff = (latents(mesh) - ref) ** 2                                             # [N, 4, 64, 64]
+        diff = (lat[name] - ref) ** 2                                                 # [N, 4, 64, 64]
         seen = (diff.flatten(1).amax(1) > 1e-3).float().mean()
-        iou = ev.volume_iou(ev.Surface(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), name), ref_surf)
+        iou = ev.volume_iou(surface(mesh, name), ref_surf)
         print(f"{name:45s} {float(diff.sum()):20.3f} {float(seen):18.2f} {iou:17.3f}")
-
 
 if __name__ == "__main__":
     main()
