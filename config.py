@@ -240,6 +240,11 @@ class Config:
     sdf_regularizer: float = _k(0.0, number(0.0), "nvdiffrec's SDF sign-change regularizer weight (floaters, "
                                 "hidden sheets), falling to 1/20 of it over the first quarter of the run; 0 "
                                 "(the published Fantasia3D) turns it off, nvdiffrec used 0.2")
+    laplacian_smoothness: float = _k(0.0, number(0.0), "weight of the surface's uniform-Laplacian smoothness (threestudio's "
+                                     "lambda_laplacian_smoothness: mean |v - mean of its neighbours|); 0: off, as published")
+    normal_consistency: float = _k(0.0, number(0.0), "weight of the surface's normal consistency (threestudio's "
+                                   "lambda_normal_consistency: mean 1 - cos between the vertex normals of each edge's "
+                                   "ends); 0: off, as published")
     if_flip_the_normal: bool = _k(False, boolean, "negate positive normal x in the coarse stage (anti-Janus)")
     base_mesh: str | None = _k(None, path_or_none, "mesh: custom_mesh init (geometry) or the mesh to texture (appearance)")
     ref_mesh: str | None = _k(None, path_or_none, "published: unused reference mesh")

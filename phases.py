@@ -10,7 +10,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -142,6 +142,15 @@ class NormalStageRenderer:
         return normal_to_display(img).permute(0, 3, 1, 2).contiguous()                 # [B, 3, H, W]
 
 
+SURFACE_REGULARIZERS = ("laplacian_smoothness", "normal_consistency")   # config keys = geometry.smoothness names
+
+
+def surface_regularizers(cfg: Config) -> list[tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]:
+    """(config key, term(verts_vx3, faces_fx3) -> 0-dim) for each smoothness term with a nonzero weight."""
+    from geometry import smoothness
+    return [(key, getattr(smoothness, key)) for key in SURFACE_REGULARIZERS if getattr(cfg, key) > 0]
+
+
 def sdf_levels_at(cfg: Config, it: int, n_levels: int) -> int:
     """Hash-grid levels of the SDF network at iteration `it`: sdf_levels_coarse up to coarse_iter,
     then one more level every sdf_levels_ramp / (n_levels - sdf_levels_coarse) iterations (all at
@@ -249,6 +258,10 @@ class GeometryPhase:
             reg = surf.sign_change_loss()
             values["sdf_reg"] = reg.detach()
             loss = loss + sdf_regularizer_weight(self.cfg.sdf_regularizer, it, self.cfg.iter) * reg
+        for key, term in surface_regularizers(self.cfg):
+            value = term(surf.verts, surf.faces)
+            values[key] = value.detach()
+            loss = loss + getattr(self.cfg, key) * value
         return StepResult(loss=loss, sds=sds, device_values=values)
 
     @contextlib.contextmanager
@@ -281,8 +294,9 @@ class GeometryPhase:
         record = {"faces": float(counts[1] + counts[2])}
         if self.cfg.sdf_levels_coarse is not None:
             record["sdf_levels"] = float(self.levels_at(it))
-        if "sdf_reg" in values:
-            record["sdf_reg"] = values["sdf_reg"][0]
+        for key in ("sdf_reg", *SURFACE_REGULARIZERS):
+            if key in values:
+                record[key] = values[key][0]
         return record
 
     def _normals(self, cams: CameraBatch) -> np.ndarray:

@@ -71,7 +71,7 @@ def normal_render_inputs(verts_vx3: Tensor, faces_fx3: Tensor, mvp_bx4x4: Tensor
     """The first part of render_normal_mask (its arguments and checks)."""
     b = _check_inputs(verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, normal_rotate_bx3x3)
     f = faces_fx3.long()
-    face_n, v_nrm = _face_and_vertex_normals(verts_vx3, f)
+    face_n, v_nrm = face_and_vertex_normals(verts_vx3, f)
     if normal_rotate_bx3x3 is not None:
         # Rotating the vertex normals equals rotating the interpolated, normalized pixel normals:
         # interpolation is linear and a rotation keeps lengths.
@@ -154,7 +154,7 @@ class _ShadeNormals(torch.autograd.Function):
         return torch.addcmul(grad_unit, unit, radial, value=-1.0).div_(length), None, None, None
 
 
-def _face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+def face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
     """(face normals [F, 3] of length 2 * area, area-weighted unit vertex normals [V, 3]).
 
     The same operations as render.mesh.compute_vertex_normals (bit-identical vertex normals),

@@ -103,23 +103,27 @@ def test_emulate_four_gpus_covers_all_sectors_every_step(tmp_path: Path, tiny_sd
         assert [sector_of(a) for a in azimuths] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_sdf_regularizer_enters_the_step_and_the_log(tmp_path: Path, tiny_sd_path: Path) -> None:
-    """sdf_regularizer > 0 adds the sign-change loss to each step (logged as sdf_reg) and changes
-    the trained weights; 0, the published default, logs nothing of it."""
-    states, logs = [], []
-    for weight in (0.0, 0.2):
-        run_dir = tmp_path / f"run{weight}"
+def test_regularizers_enter_the_step_and_the_log(tmp_path: Path, tiny_sd_path: Path) -> None:
+    """Each geometry regularizer's key > 0 adds its term to each step (logged under its name) and
+    changes the trained weights; 0, the published default, logs nothing of it."""
+    def run(name: str, overrides: dict[str, float]) -> tuple[list[dict], dict]:
+        run_dir = tmp_path / name
         cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(run_dir),
-                                      "iter": 4, "coarse_iter": 2, "save_interval": 4, "validate": False,
-                                      "sdf_regularizer": weight})
+                                      "iter": 4, "coarse_iter": 2, "save_interval": 4, "validate": False, "video_frames": 0,
+                                      "sdf_init_iter": 20, **overrides})
         assert run_train(cfg) == 0
-        logs.append(read_log(run_dir))
-        states.append(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["phase"]["geometry"])
-    assert all("sdf_reg" not in r for r in logs[0])
-    assert all(np.isfinite(r["sdf_reg"]) and r["sdf_reg"] > 0 for r in logs[1])
-    assert [r["loss"] for r in logs[0][:1]] == [r["loss"] for r in logs[1][:1]]   # same first SDS step
-    assert any(not torch.equal(a, b) for a, b in zip(states[0].values(), states[1].values())
-               if isinstance(a, torch.Tensor) and a.is_floating_point())
+        return read_log(run_dir), torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["phase"]["geometry"]
+
+    logged = {"sdf_regularizer": "sdf_reg", "laplacian_smoothness": "laplacian_smoothness",
+              "normal_consistency": "normal_consistency"}
+    base_log, base_state = run("none", {})
+    assert all(name not in r for r in base_log for name in logged.values())
+    for key, weight in (("sdf_regularizer", 0.2), ("laplacian_smoothness", 100.0), ("normal_consistency", 30.0)):
+        log, state = run(key, {key: weight})
+        assert all(np.isfinite(r[logged[key]]) and r[logged[key]] > 0 for r in log), key
+        assert [r["loss"] for r in base_log[:1]] == [r["loss"] for r in log[:1]], key   # same first SDS step
+        assert any(not torch.equal(a, b) for a, b in zip(base_state.values(), state.values())
+                   if isinstance(a, torch.Tensor) and a.is_floating_point()), key
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])   # the last coarse step; a fine one
