@@ -240,8 +240,9 @@ class Config:
     sdf_regularizer: float = _k(0.0, number(0.0), "nvdiffrec's SDF sign-change regularizer weight (floaters, "
                                 "hidden sheets), falling to 1/20 of it over the first quarter of the run; 0 "
                                 "(the published Fantasia3D) turns it off, nvdiffrec used 0.2")
-    laplacian_smoothness: float = _k(0.0, number(0.0), "weight of the surface's uniform-Laplacian smoothness (threestudio's "
-                                     "lambda_laplacian_smoothness: mean |v - mean of its neighbours|); 0: off, as published")
+    laplacian_smoothness: float = _k(0.0, number(0.0), "weight of the surface's uniform-Laplacian smoothness "
+                                     "(threestudio's lambda_laplacian_smoothness: mean |v - mean of its "
+                                     "neighbours|); 0: off, as published")
     normal_consistency: float = _k(0.0, number(0.0), "weight of the surface's normal consistency (threestudio's "
                                    "lambda_normal_consistency: mean 1 - cos between the vertex normals of each edge's "
                                    "ends); 0: off, as published")

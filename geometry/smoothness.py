@@ -21,9 +21,11 @@ from render.normal_render import face_and_vertex_normals
 
 def _check(verts_vx3: Tensor, faces_fx3: Tensor) -> None:
     if verts_vx3.ndim != 2 or verts_vx3.shape[1] != 3 or not verts_vx3.dtype.is_floating_point:
-        raise ValueError(f"verts_vx3: expected a float [V, 3] tensor, got {tuple(verts_vx3.shape)} {verts_vx3.dtype}")
+        raise ValueError(f"verts_vx3: expected a float [V, 3] tensor, got {tuple(verts_vx3.shape)} "
+                         f"{verts_vx3.dtype}")
     if faces_fx3.ndim != 2 or faces_fx3.shape[1] != 3 or faces_fx3.dtype.is_floating_point:
-        raise ValueError(f"faces_fx3: expected an integer [F, 3] tensor, got {tuple(faces_fx3.shape)} {faces_fx3.dtype}")
+        raise ValueError(f"faces_fx3: expected an integer [F, 3] tensor, got {tuple(faces_fx3.shape)} "
+                         f"{faces_fx3.dtype}")
 
 
 def directed_edges(faces_fx3: Tensor) -> tuple[Tensor, Tensor, Tensor]:
