@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from render.normal_render import face_and_vertex_normals
+from render.mesh import face_and_vertex_normals
 
 
 def _check(verts_vx3: Tensor, faces_fx3: Tensor) -> None:

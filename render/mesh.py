@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from render.util import device_constant, gather_rows
+
 SUPPORTED_SUFFIXES = (".obj", ".ply", ".stl", ".glb", ".gltf", ".off")
 
 
@@ -222,23 +224,28 @@ def _safe_normalize(x: Tensor, eps: float = 1e-20) -> Tensor:
     return x / torch.sqrt(torch.clamp((x * x).sum(-1, keepdim=True), min=eps))
 
 
-def compute_vertex_normals(mesh: Mesh) -> Mesh:
-    """Area-weighted vertex normals; returns a new Mesh with v_nrm and t_nrm_idx = t_pos_idx.
+def face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """(face normals [F, 3] of length 2 * area, area-weighted unit vertex normals [V, 3]) of
+    `v` [V, 3] and int64 `f` [F, 3]; differentiable w.r.t. `v`.
 
-    Differentiable w.r.t. v_pos (used by the geometry phase). Vertices touched only by
-    degenerate faces get (0, 0, 1) so the result is always a unit vector.
+    Vertices touched only by degenerate faces get (0, 0, 1), so every normal is a unit vector.
+    Returns the face normals too, so a renderer does not compute them a second time.
     """
-    f = mesh.t_pos_idx
-    v = mesh.v_pos
-    v0, v1, v2 = v[f[:, 0]], v[f[:, 1]], v[f[:, 2]]           # [F, 3] each
-    face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)             # [F, 3], length = 2 * area
+    v0, v1, v2 = (gather_rows(v, f[:, k]) for k in range(3))                        # [F, 3] each
+    face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)
     acc = torch.zeros_like(v)
     for k in range(3):
         acc = acc.index_add(0, f[:, k], face_n)
     length2 = (acc * acc).sum(-1, keepdim=True)
-    default = torch.tensor([0.0, 0.0, 1.0], dtype=v.dtype, device=v.device).expand_as(acc)
-    acc = torch.where(length2 > 1e-20, acc, default)
-    return replace(mesh, v_nrm=_safe_normalize(acc), t_nrm_idx=f)
+    acc = torch.where(length2 > 1e-20, acc, device_constant((0.0, 0.0, 1.0), v.dtype, v.device).expand_as(acc))
+    return face_n, _safe_normalize(acc)
+
+
+def compute_vertex_normals(mesh: Mesh) -> Mesh:
+    """Area-weighted vertex normals (face_and_vertex_normals); returns a new Mesh with v_nrm and
+    t_nrm_idx = t_pos_idx. Differentiable w.r.t. v_pos."""
+    _, v_nrm = face_and_vertex_normals(mesh.v_pos, mesh.t_pos_idx)
+    return replace(mesh, v_nrm=v_nrm, t_nrm_idx=mesh.t_pos_idx)
 
 
 def compute_tangents(mesh: Mesh) -> Mesh:

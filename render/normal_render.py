@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from render import raster
-from render.mesh import _safe_normalize
-from render.util import device_constant, gather_rows
+from render.mesh import face_and_vertex_normals
 
 
 class NormalRenderError(ValueError):
@@ -152,22 +151,6 @@ class _ShadeNormals(torch.autograd.Function):
         radial = (grad_unit * unit).sum(-1, keepdim=True)                           # [B, H, W, 1]
         radial = torch.where(sq >= _MIN_SQ_LEN, radial, 0.0)
         return torch.addcmul(grad_unit, unit, radial, value=-1.0).div_(length), None, None, None
-
-
-def face_and_vertex_normals(v: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
-    """(face normals [F, 3] of length 2 * area, area-weighted unit vertex normals [V, 3]).
-
-    The same operations as render.mesh.compute_vertex_normals (bit-identical vertex normals),
-    returning the face normals as well so the caller does not compute them a second time.
-    """
-    v0, v1, v2 = (gather_rows(v, f[:, k]) for k in range(3))                        # [F, 3] each
-    face_n = torch.cross(v1 - v0, v2 - v0, dim=-1)
-    acc = torch.zeros_like(v)
-    for k in range(3):
-        acc = acc.index_add(0, f[:, k], face_n)
-    length2 = (acc * acc).sum(-1, keepdim=True)
-    acc = torch.where(length2 > 1e-20, acc, device_constant((0.0, 0.0, 1.0), v.dtype, v.device).expand_as(acc))
-    return face_n, _safe_normalize(acc)
 
 
 def normal_to_display(normal_mask_bxhxwx4: Tensor) -> Tensor:
