@@ -145,10 +145,11 @@ class NormalStageRenderer:
 SURFACE_REGULARIZERS = ("laplacian_smoothness", "normal_consistency")   # config keys = geometry.smoothness names
 
 
-def surface_regularizers(cfg: Config) -> list[tuple[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]:
-    """(config key, term(verts_vx3, faces_fx3) -> 0-dim) for each smoothness term with a nonzero weight."""
+def surface_regularizers(cfg: Config) -> list[tuple[str, float, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]:
+    """(config key, weight, term(verts_vx3, faces_fx3) -> 0-dim) for each smoothness term with a
+    nonzero weight."""
     from geometry import smoothness
-    return [(key, getattr(smoothness, key)) for key in SURFACE_REGULARIZERS if getattr(cfg, key) > 0]
+    return [(key, getattr(cfg, key), getattr(smoothness, key)) for key in SURFACE_REGULARIZERS if getattr(cfg, key) > 0]
 
 
 def sdf_levels_at(cfg: Config, it: int, n_levels: int) -> int:
@@ -195,6 +196,7 @@ class GeometryPhase:
         self.render = NormalStageRenderer(cfg, self.ctx)
         self.guide = Guide(cfg, info.device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
         self.pretrain_mse: float | None = None     # the SDF pretraining's final mse, once it ran
+        self.surface_terms = surface_regularizers(cfg)
 
     def _target_renderer(self):
         from render.mesh import load_mesh
@@ -258,10 +260,10 @@ class GeometryPhase:
             reg = surf.sign_change_loss()
             values["sdf_reg"] = reg.detach()
             loss = loss + sdf_regularizer_weight(self.cfg.sdf_regularizer, it, self.cfg.iter) * reg
-        for key, term in surface_regularizers(self.cfg):
+        for key, weight, term in self.surface_terms:
             value = term(surf.verts, surf.faces)
             values[key] = value.detach()
-            loss = loss + getattr(self.cfg, key) * value
+            loss = loss + weight * value
         return StepResult(loss=loss, sds=sds, device_values=values)
 
     @contextlib.contextmanager
