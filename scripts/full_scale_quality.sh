@@ -8,6 +8,8 @@
 #         pineapple strategy 2 appearance configs; target = the textured egg, base_mesh = its shape)
 #       grid<N>_<ref>                                   (car_geometry at dmtet_grid=N, e.g. grid128_mug,
 #                                                        grid256_torus; <ref> in mug, cup, bowl, thin_parts, torus)
+#       pgrid<N>_<ref>                                  (the same with the single-GPU pineapple geometry schedule:
+#                                                        batch 6, its own ellipsoid init)
 #       custom_<ref>                                    (user_mesh_geometry: custom_mesh init from a
 #                                                        coarse <ref>, target = the full-resolution one)
 #       <job>_e<K>                                      (the job with emulate_gpus=K: the camera coverage
@@ -36,8 +38,9 @@ for job in "$@"; do
     appearance_s0) args=(--config configs/car_appearance_strategy0.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     appearance_s1) args=(--config configs/car_appearance_strategy1.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
     appearance_s2) args=(--config configs/pineapple_appearance_strategy2_single_gpu.json target_mesh=$tex base_mesh=$tex); ref=$tex; images=albedo ;;
-    grid*_*) name=${base#*_}; n=${base%%_*}; n=${n#grid}
-      args=(--config configs/car_geometry.json dmtet_grid=$n target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
+    grid*_* | pgrid*_*) name=${base#*_}; n=${base%%_*}; n=${n#*grid}
+      config=configs/car_geometry.json; [[ $base == p* ]] && config=configs/pineapple_geometry_single_gpu.json
+      args=(--config $config dmtet_grid=$n target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
     custom_*) name=${base#custom_}
       [ -f "$refs/coarse/$name.obj" ] || python3 scripts/make_reference_meshes.py "$refs/coarse" --resolution 24 >/dev/null
       args=(--config configs/user_mesh_geometry.json base_mesh=$refs/coarse/$name.obj target_mesh=$refs/$name.obj); ref=$refs/$name.obj; images=normal ;;
