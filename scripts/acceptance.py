@@ -20,7 +20,6 @@ the sessions' READMEs are not counted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import shlex
@@ -100,26 +99,35 @@ def passes(ev: dict) -> bool:
 def read_run(path: Path, root: Path) -> tuple[Setting, Run] | None:
     """The setting and result of one eval file; None for files without a recorded command (CPU
     stand-ins and hand-run evaluations)."""
-    data = json.loads(path.read_text())
-    if "command" not in data or "eval" not in data:
-        return None
-    return _setting_and_run(data["command"], data["eval"], path, root)
+    try:
+        data = json.loads(path.read_text())
+        if "command" not in data or "eval" not in data:
+            return None
+        return _setting_and_run(data["command"], data["eval"], path, root)
+    except (KeyError, ValueError) as e:   # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: cannot read it as a scripts/full_scale_quality.sh evaluation ({e!r})") from e
+
+
+def _setting(config: str, over: dict[str, str], procs: int, reference: str, appearance: bool) -> Setting:
+    grid = None if appearance else int(over.get("dmtet_grid", _config_value(config, "dmtet_grid") or 128))
+    elevation = over.get("elevation_range", _config_value(config, "elevation_range") or [-10, 45])
+    recipe = " ".join(f"{k}={v}" for k, v in sorted(over.items()) if k not in NOT_RECIPE) or "published"
+    return Setting(reference=Path(reference).stem, config=Path(config).stem, grid=grid,
+                   cameras=_elevation(elevation), views=int(over.get("emulate_gpus", procs)), recipe=recipe)
+
+
+def _run(path: Path, root: Path, config: str, over: dict[str, str], **result) -> Run:
+    rel = path.relative_to(root)
+    return Run(path=str(rel), session=rel.parts[0] if len(rel.parts) > 1 else "-",
+               seed=int(over.get("seed", _config_value(config, "seed") or 42)), **result)
 
 
 def _setting_and_run(command: str, ev: dict, path: Path, root: Path) -> tuple[Setting, Run]:
     config, over, procs = parse_command(command)
     appearance = ev.get("image_kind") == "albedo"
-    grid = None if appearance else int(over.get("dmtet_grid", _config_value(config, "dmtet_grid") or 128))
-    elevation = over.get("elevation_range", _config_value(config, "elevation_range") or [-10, 45])
-    recipe = " ".join(f"{k}={v}" for k, v in sorted(over.items()) if k not in NOT_RECIPE) or "published"
-    setting = Setting(reference=Path(ev["reference"]).stem, config=Path(config).stem, grid=grid,
-                      cameras=_elevation(elevation), views=int(over.get("emulate_gpus", procs)), recipe=recipe)
-    rel = path.relative_to(root)
-    run = Run(path=str(rel), session=rel.parts[0] if len(rel.parts) > 1 else "-",
-              seed=int(over.get("seed", _config_value(config, "seed") or 42)),
-              chamfer=None if appearance else ev["chamfer"], iou=None if appearance else ev["iou"],
-              psnr=ev.get("psnr"), passed=passes(ev))
-    return setting, run
+    run = _run(path, root, config, over, chamfer=None if appearance else ev["chamfer"],
+               iou=None if appearance else ev["iou"], psnr=ev.get("psnr"), passed=passes(ev))
+    return _setting(config, over, procs, ev["reference"], appearance), run
 
 
 # scripts/full_scale_quality.sh's geometry jobs: [p]grid<N>_<ref>[_e<K>] and custom_<ref>[_e<K>]
@@ -145,10 +153,10 @@ def failed_queue_runs(folder: Path, root: Path) -> list[tuple[Setting, Run]]:
             config = JOB_CONFIGS[m["custom"] or m["p"]]
             grid = [] if m["custom"] else [f"dmtet_grid={m['grid']}"]
             emulate = [f"emulate_gpus={m['k']}"] if m["k"] else []
-            command = shlex.join(["train.py", "--config", config, *grid, *emulate, *words[3:]])
-            ev = {"reference": f"{m['ref']}.obj", "image_kind": "normal", "chamfer": float("inf"), "iou": 0.0}
-            setting, run = _setting_and_run(command, ev, queue.with_name(f"{words[1]}.error"), root)
-            found.append((setting, dataclasses.replace(run, chamfer=None, iou=None, failed=True)))
+            _, over, procs = parse_command(shlex.join(["--config", config, *grid, *emulate, *words[3:]]))
+            run = _run(queue.with_name(f"{words[1]}.error"), root, config, over,
+                       chamfer=None, iou=None, psnr=None, passed=False, failed=True)
+            found.append((_setting(config, over, procs, m["ref"], appearance=False), run))
     return found
 
 
@@ -239,7 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a folder; pass the folder that holds the eval_*.json files", file=sys.stderr)
         return 2
-    groups = collect(root)
+    try:
+        groups = collect(root)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not groups:
         print(f"error: no eval_*.json with a recorded training command under {root}", file=sys.stderr)
         return 1

@@ -84,6 +84,10 @@ def test_bad_folders_are_errors(tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert acceptance.main([str(tmp_path)]) == 1
     assert "no eval_*.json" in capsys.readouterr().err
+    (tmp_path / "eval_x.json").write_text(json.dumps({"command": "python3 train.py seed=1", "eval": {}}))
+    assert acceptance.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "eval_x.json" in err and "no --config" in err
 
 
 def test_committed_ledger_is_current():
