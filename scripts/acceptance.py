@@ -218,7 +218,8 @@ def markdown(groups: dict[Setting, list[Run]]) -> str:
              "docs/benchmarks/quality/ACCEPTANCE.md --out docs/benchmarks/quality/acceptance.json` from every "
              "committed `eval_*.json` with its training command, and the queued runs that failed before their "
              "evaluation (counted as failed; \"(n failed)\"). Bars: Chamfer <= 1% of the diagonal and IoU >= "
-             "0.90 (geometry), albedo PSNR >= 30 dB (appearance). Runs of different sessions ran different code "
+             "0.90 (geometry), albedo PSNR >= 30 dB (appearance); a geometry row's PSNR is of normal images, "
+             "reported, not a bar. Runs of different sessions ran different code "
              "versions; the sessions' READMEs say what changed.", "", "## Per reference (grid 128)", ""]
     lines += [f"- **{ref}**: {v}" for ref, v in verdicts(groups).items()]
     lines += ["", "## Every setting", "",
