@@ -20,6 +20,7 @@ the sessions' READMEs are not counted.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -79,9 +80,15 @@ def parse_command(command: str) -> tuple[str, dict[str, str], int]:
     return config, overrides, procs
 
 
-def _config_value(config: str, key: str):
+@functools.cache
+def _config(config: str) -> dict:
+    """The config file's keys ({} when it is not in this tree); read once per file, not per run."""
     path = Path(config) if Path(config).is_absolute() else PROJECT_ROOT / config
-    return json.loads(path.read_text()).get(key) if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _config_value(config: str, key: str):
+    return _config(config).get(key)
 
 
 def _elevation(text_or_list) -> str:
@@ -151,12 +158,14 @@ def failed_queue_runs(folder: Path, root: Path) -> list[tuple[Setting, Run]]:
             if m is None or (folder / f"eval_{words[1]}.json").exists():
                 continue
             config = JOB_CONFIGS[m["custom"] or m["p"]]
-            grid = [] if m["custom"] else [f"dmtet_grid={m['grid']}"]
-            emulate = [f"emulate_gpus={m['k']}"] if m["k"] else []
-            _, over, procs = parse_command(shlex.join(["--config", config, *grid, *emulate, *words[3:]]))
+            over = dict(w.split("=", 1) for w in words[3:])
+            if not m["custom"]:
+                over["dmtet_grid"] = m["grid"]
+            if m["k"]:
+                over["emulate_gpus"] = m["k"]
             run = _run(queue.with_name(f"{words[1]}.error"), root, config, over,
                        chamfer=None, iou=None, psnr=None, passed=False, failed=True)
-            found.append((_setting(config, over, procs, m["ref"], appearance=False), run))
+            found.append((_setting(config, over, 1, m["ref"], appearance=False), run))
     return found
 
 
