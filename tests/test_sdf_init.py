@@ -158,6 +158,24 @@ def test_pretrain_ellipsoid_iou(one_thread) -> None:
     assert iou >= 0.9, iou
 
 
+def test_pretraining_does_not_memorize_its_samples(one_thread) -> None:
+    """Production hash grid (16 levels, 2^19 entries) at grid 64: every grid vertex farther than a
+    cell from the ellipsoid gets the right sign. The fixed 100k-point sample set the pretraining
+    once used was memorized by the fine levels: 1234 such vertices had the wrong sign after these
+    200 steps (hollow, fragmented starts; 14k at grid 128 after 400 steps of 10240), against 7 with
+    a fresh batch every step (docs/benchmarks/quality/session14/pretraining_memorization.txt)."""
+    torch.manual_seed(0)
+    shape = InitShape(InitShapeOptions("ellipsoid", (0.56, 0.56, 0.84)))
+    geo = DMTetGeometry(64, 2.3, backend="torch")
+    pretrain_sdf(geo, shape, iters=200, batch_size=4096)
+    with torch.no_grad():
+        sdf, _ = geo.sdf_and_deform()
+    truth = torch.from_numpy(shape.sdf(geo.grid_verts.double().numpy()))
+    far = truth.abs() > 2.3 / 64                                  # a grid cell (half-edge) or more away
+    wrong = int(((sdf < 0) != (truth < 0))[far].sum())
+    assert wrong <= 40, wrong
+
+
 def test_short_pretraining_warns_of_a_loose_fit(one_thread) -> None:
     # 5 steps leave the ellipsoid far from fitted; the training phase's check (rank 0) warns, naming
     # the key to raise.
