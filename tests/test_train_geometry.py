@@ -110,7 +110,7 @@ def test_regularizers_enter_the_step_and_the_log(tmp_path: Path, tiny_sd_path: P
         run_dir = tmp_path / name
         cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(run_dir),
                                       "iter": 4, "coarse_iter": 2, "save_interval": 4, "validate": False,
-                                      "video_frames": 0, "sdf_init_iter": 20, **overrides})
+                                      "video_frames": 0, **overrides})
         assert run_train(cfg) == 0
         state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)["phase"]["geometry"]
         return read_log(run_dir), state
