@@ -178,7 +178,7 @@ def coarse_levels_vanishing_hint(levels: int, pretrain_mse: float | None) -> str
     fit = "" if pretrain_mse is None else f" (this run's: mse {pretrain_mse:.1e}, above {LOOSE_FIT_MSE:.1e})"
     return (f"{head}: from a loosely pretrained start{fit} it can vanish in the first iterations "
             "(docs/benchmarks/quality/session9: the stool at seed 42 vanished after 400 pretraining steps and "
-            "trained after 2000). Raise sdf_init_iter (e.g. 2000), or unset sdf_levels_coarse.")
+            "trained after 2000). Raise sdf_init_iter (the default is 2000), or unset sdf_levels_coarse.")
 
 
 class GeometryPhase:
