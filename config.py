@@ -237,8 +237,8 @@ class Config:
     translation_y: float = _k(0, _float, "translation of the initial shape along y")
     translation_z: float = _k(0, _float, "translation of the initial shape along z")
     sdf_init_iter: int = _k(2000, integer(0), "SDF pretraining iterations before SDS (the published code "
-                            "hard-codes 400, which leaves the initial shape loosely fitted: mse 1e-4 to 4e-4, "
-                            "and thin shapes then vanish; 2000 reach about 2e-6 in a few seconds on a GPU)")
+                            "hard-codes 400, which leaves the initial shape loosely fitted: mse 6e-5 to 4e-4, "
+                            "and thin shapes then vanish; 2000 reach 2e-6 to 3e-6, about 20 s on an H100)")
     sdf_regularizer: float = _k(0.0, number(0.0), "nvdiffrec's SDF sign-change regularizer weight (floaters, "
                                 "hidden sheets), falling to 1/20 of it over the first quarter of the run; 0 "
                                 "(the published Fantasia3D) turns it off, nvdiffrec used 0.2")
