@@ -217,8 +217,87 @@ def verdicts(groups: dict[Setting, list[Run]]) -> dict[str, str]:
             for k in sorted(keys)}
 
 
+# Issue 9's acceptance: one reference for each kind the issue names (scope 2) and one per SDS strategy,
+# each held to the shipped config as it is: grid 128, the config's cameras and GPUs' views, and the
+# shipped defaults. For geometry those are the published recipe with the 2000-step SDF pretraining
+# that is the default since 9ce19e7; the runs write it out ("sdf_init_iter=2000") so that runs of
+# the old 400-step default ("published" before session 15) are not counted as the defaults.
+SHIPPED_GEOMETRY = "sdf_init_iter=2000"
+
+
+@dataclass(frozen=True)
+class Criterion:
+    what: str                 # what the issue asks for
+    setting: Setting
+    limit: str = ""           # non-empty: reported beside the acceptance, not part of it, because of this
+
+
+def _geometry(what: str, reference: str, config: str = "car_geometry", limit: str = "") -> Criterion:
+    return Criterion(what, Setting(reference, config, 128, "-10..45", 8, SHIPPED_GEOMETRY), limit)
+
+
+def _appearance(strategy: int, config: str, views: int) -> Criterion:
+    return Criterion(f"appearance, SDS strategy {strategy}", Setting("textured", config, None, "-10..45", views, "published"))
+
+
+ACCEPTANCE = (
+    _geometry("genus >= 1", "torus"),
+    _geometry("thin parts", "thin_parts"),
+    _geometry("concave cavity", "bowl"),
+    _geometry("custom_mesh init (from a coarse target)", "cup", config="user_mesh_geometry"),
+    _appearance(0, "car_appearance_strategy0", 8),
+    _appearance(1, "car_appearance_strategy1", 8),
+    _appearance(2, "pineapple_appearance_strategy2_single_gpu", 1),
+    _geometry("concave cavity with a creased floor", "cup", limit=(
+        "a flat floor meets its wall at a crease: raising it changes only which pixels show floor or wall, and "
+        "rasterized normals give no gradient there (session6/README.md); the ellipsoid start leaves a plate above "
+        "the floor that normal images cannot tell from it")),
+    _geometry("deep cavity", "mug", limit=(
+        "11-13% of its surface, the cavity's lower part, is seen by no camera at -10..45 (session13/visibility.txt), so "
+        "what fills it there is the prior's guess, not recovery; carving by those cameras bounds the IoU at 0.79. "
+        "It is measured at -10..80 instead (table below)")),
+)
+
+
+def acceptance(groups: dict[Setting, list[Run]]) -> list[dict]:
+    """Each criterion's runs at its setting: it holds when there is a run and every run passes."""
+    rows = []
+    for c in ACCEPTANCE:
+        runs = groups.get(c.setting, [])
+        d = summary(c.setting, runs)
+        rows.append({"what": c.what, "reference": c.setting.reference, "limit": c.limit, **d,
+                     "holds": bool(runs) and all(r.passed for r in runs)})
+    return rows
+
+
 def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
+
+
+def acceptance_markdown(rows: list[dict]) -> list[str]:
+    def row(d: dict) -> str:
+        s = d["setting"]
+        iou = "-" if d["iou_min_median_max"] is None else f"{d['iou_min_median_max'][0]:.3f}"
+        chamfer = "-" if d["chamfer_max"] is None else f"{100 * d['chamfer_max']:.3f}%"
+        verdict = "yes" if d["holds"] else "no runs" if not d["runs"] else "no"
+        return (f"| {d['what']} | {d['reference']} | {s['config']} | {s['views']} | {d['passed']} / {d['runs']} | "
+                f"{iou} | {chamfer} | {_fmt(d['psnr_min'], '.1f')} | {', '.join(map(str, d['seeds'])) or '-'} | "
+                f"{verdict} |")
+    head = ["| asks for | reference | config | views | passed / runs | IoU min | Chamfer max | PSNR min | seeds "
+            "| holds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    required = [d for d in rows if not d["limit"]]
+    failing = [d["what"] for d in required if not d["holds"]]
+    lines = ["## Acceptance at the shipped defaults", "",
+             "Grid 128, 512^2, each config's published cameras (-10..45) and GPUs' views per step; geometry with "
+             f"the shipped recipe (`{SHIPPED_GEOMETRY}`, the default pretraining since 9ce19e7, written out by the "
+             "runs), appearance with the configs unchanged. A criterion holds when it has runs and every one "
+             "passes.", "", *head, *map(row, required), "",
+             "**Every criterion holds.**" if not failing else f"**Not holding: {'; '.join(failing)}.**"]
+    limits = [d for d in rows if d["limit"]]
+    if limits:
+        lines += ["", "### Limits, reported beside the acceptance", "", *head, *map(row, limits), ""]
+        lines += [f"- {d['reference']}: {d['limit']}." for d in limits]
+    return lines
 
 
 def markdown(groups: dict[Setting, list[Run]]) -> str:
@@ -229,7 +308,9 @@ def markdown(groups: dict[Setting, list[Run]]) -> str:
              "evaluation (counted as failed; \"(n failed)\"). Bars: Chamfer <= 1% of the diagonal and IoU >= "
              "0.90 (geometry), albedo PSNR >= 30 dB (appearance); a geometry row's PSNR is of normal images, "
              "reported, not a bar. Runs of different sessions ran different code "
-             "versions; the sessions' READMEs say what changed.", "", "## Per reference (grid 128)", ""]
+             "versions; the sessions' READMEs say what changed.", ""]
+    lines += acceptance_markdown(acceptance(groups))
+    lines += ["", "## Per reference (grid 128): the setting with the most runs, all passing", ""]
     lines += [f"- **{ref}**: {v}" for ref, v in verdicts(groups).items()]
     lines += ["", "## Every setting", "",
               "| reference | config | grid | elevation | views | recipe | passed / runs | IoU min / median / max "
@@ -272,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, end="")
     if args.out:
         data = {"bars": {"chamfer_max": MAX_CHAMFER, "iou_min": MIN_IOU, "psnr_min": MIN_PSNR},
-                "verdicts": verdicts(groups), "settings": [summary(s, r) for s, r in sorted(groups.items())]}
+                "acceptance": acceptance(groups), "verdicts": verdicts(groups), "settings": [summary(s, r) for s, r in sorted(groups.items())]}
         Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
     return 0
 

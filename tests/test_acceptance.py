@@ -79,6 +79,35 @@ def test_markdown_and_json_outputs(tmp_path):
     assert {tuple(s["seeds"]) for s in data["settings"] if s["setting"]["reference"] == "cup"} == {(7, 42), (42,)}
 
 
+def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_path):
+    shipped = "torchrun --standalone --nproc_per_node=1 train.py --config configs/car_geometry.json dmtet_grid=128 " \
+              "target_mesh=/tmp/quality_refs/{ref}.obj emulate_gpus=8 guidance=target_mesh sdf_init_iter=2000{extra}"
+
+    def run(tag: str, ref: str, chamfer: float, iou: float, extra: str = "") -> None:
+        data = {"job": tag, "command": shipped.format(ref=ref, extra=extra), "wall_s": 500,
+                "eval": {"reference": f"/tmp/quality_refs/{ref}.obj", "chamfer": chamfer, "iou": iou,
+                         "image_kind": "normal", "psnr": 30.0}}
+        (tmp_path / f"eval_{tag}.json").write_text(json.dumps(data))
+    run("torus", "torus", 0.001, 0.99)
+    run("torus_s7", "torus", 0.001, 0.98, " seed=7")
+    run("bowl", "bowl", 0.005, 0.95)
+    run("bowl_s7", "bowl", 0.012, 0.95, " seed=7")                     # Chamfer 1.2%: the criterion fails
+    run("bowl_e80", "bowl", 0.012, 0.95, " elevation_range=[-10,80]")  # not the published cameras: not counted
+    run("stool_l5", "thin_parts", 0.001, 0.99, " sdf_levels_coarse=5")  # another recipe: not counted
+    run("cup", "cup", 0.02, 0.8)
+    rows = {(r["reference"], r["setting"]["config"]): r for r in acceptance.acceptance(acceptance.collect(tmp_path))}
+    torus, bowl = rows[("torus", "car_geometry")], rows[("bowl", "car_geometry")]
+    assert torus["holds"] and torus["seeds"] == [7, 42]
+    assert (bowl["holds"], bowl["passed"], bowl["runs"]) == (False, 1, 2)
+    assert not rows[("thin_parts", "car_geometry")]["holds"] and rows[("thin_parts", "car_geometry")]["runs"] == 0
+    cup = rows[("cup", "car_geometry")]
+    assert cup["limit"] and not cup["holds"]                     # reported, apart from the criteria
+    lines = acceptance.acceptance_markdown(list(rows.values()))
+    verdict = next(line for line in lines if line.startswith("**"))
+    assert "concave cavity" in verdict and "thin parts" in verdict and "genus" not in verdict
+    assert "creased" not in verdict                             # a limit does not decide the verdict
+
+
 def test_bad_folders_are_errors(tmp_path, capsys):
     assert acceptance.main([str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
