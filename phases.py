@@ -143,6 +143,7 @@ class NormalStageRenderer:
 
 
 SURFACE_REGULARIZERS = ("laplacian_smoothness", "normal_consistency")   # config keys = geometry.smoothness names
+SEALED_AIR_EVERY = 10   # iterations between searches for sealed air (each waits for the device)
 
 
 def surface_regularizers(cfg: Config) -> list[tuple[str, float, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]]:
@@ -197,6 +198,7 @@ class GeometryPhase:
         self.guide = Guide(cfg, info.device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
         self.pretrain_mse: float | None = None     # the SDF pretraining's final mse, once it ran
         self.surface_terms = surface_regularizers(cfg)
+        self.sealed: tuple[tuple[int, int], torch.Tensor] | None = None   # ((refresh, grid), sealed-air rows)
 
     def _target_renderer(self):
         from render.mesh import load_mesh
@@ -260,11 +262,30 @@ class GeometryPhase:
             reg = surf.sign_change_loss()
             values["sdf_reg"] = reg.detach()
             loss = loss + sdf_regularizer_weight(self.cfg.sdf_regularizer, it, self.cfg.iter) * reg
+        if self.cfg.sealed_air > 0:
+            air, rows = self._sealed_air(it)
+            values["sealed_air"], values["sealed_air_vertices"] = air.detach(), torch.tensor(float(rows.numel()))
+            loss = loss + self.cfg.sealed_air * air
         for key, weight, term in self.surface_terms:
             value = term(surf.verts, surf.faces)
             values[key] = value.detach()
             loss = loss + weight * value
         return StepResult(loss=loss, sds=sds, device_values=values)
+
+    def _sealed_air(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sealed-air term and the rows it acts on, found anew every SEALED_AIR_EVERY iterations
+        and on a new grid. Finding them waits for the device (scipy's components on the host), hence
+        not every step; every rank finds the same rows from the same weights, so nothing is exchanged."""
+        from geometry.dmtet import sealed_air_loss
+        key = ((it - 1) // SEALED_AIR_EVERY, self.geo.grid_res)
+        if self.sealed is None or self.sealed[0] != key:
+            self.sealed = (key, self.geo.sealed_air_rows())
+        rows = self.sealed[1]
+        if rows.numel() == 0:
+            return torch.zeros((), device=rows.device), rows
+        sdf_r = self.geo.sdf_net(self.geo.grid_verts[rows])[0]                 # [R], with gradients
+        # A vertex spacing inside: the filled region is solid, not a sliver at the threshold.
+        return sealed_air_loss(sdf_r, self.cfg.mesh_scale / (self.geo.grid_res // 2)), rows
 
     @contextlib.contextmanager
     def _surface_errors(self, it: int) -> Iterator[None]:
@@ -296,7 +317,7 @@ class GeometryPhase:
         record = {"faces": float(counts[1] + counts[2])}
         if self.cfg.sdf_levels_coarse is not None:
             record["sdf_levels"] = float(self.levels_at(it))
-        for key in ("sdf_reg", *SURFACE_REGULARIZERS):
+        for key in ("sdf_reg", "sealed_air", "sealed_air_vertices", *SURFACE_REGULARIZERS):
             if key in values:
                 record[key] = values[key][0]
         return record

@@ -552,6 +552,47 @@ def sdf_regularizer_weight(weight: float, it: int, iters: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
+# Sealed air
+# ----------------------------------------------------------------------------------------------
+
+def box_boundary(grid_verts_vx3: torch.Tensor) -> torch.Tensor:
+    """[V] bool: the grid vertices on the faces of the grid's bounding box."""
+    lo, hi = grid_verts_vx3.min(0).values, grid_verts_vx3.max(0).values
+    return ((grid_verts_vx3 == lo) | (grid_verts_vx3 == hi)).any(1)
+
+
+def sealed_air(sdf_v: torch.Tensor, edges_ex2: torch.Tensor, boundary_v: torch.Tensor) -> torch.Tensor:
+    """Grid vertices outside the surface (sdf > 0) that no path of outside vertices along tet edges
+    joins to the grid box's boundary: air sealed inside the solid, which no camera can see.
+
+    sdf_v [V], edges_ex2 [E, 2] int64 (a tet grid's edges), boundary_v [V] bool (``box_boundary``).
+    Returns [V] bool on sdf_v's device. The components come from scipy on the host, so this waits
+    for the device. None are sealed when no boundary vertex is outside (a shape that fills the box
+    leaves nothing to call the outside).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    if sdf_v.ndim != 1 or edges_ex2.ndim != 2 or edges_ex2.shape[1] != 2 or boundary_v.shape != sdf_v.shape:
+        raise ValueError(f"sealed_air: expected sdf_v [V], edges_ex2 [E, 2], boundary_v [V]; got "
+                         f"{tuple(sdf_v.shape)}, {tuple(edges_ex2.shape)}, {tuple(boundary_v.shape)}")
+    outside = (sdf_v.detach() > 0).cpu().numpy()
+    edges = edges_ex2.cpu().numpy()
+    edges = edges[outside[edges[:, 0]] & outside[edges[:, 1]]]          # edges that cross no surface
+    n = outside.shape[0]
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    _, label = connected_components(graph, directed=False)
+    open_labels = np.unique(label[outside & boundary_v.cpu().numpy()])
+    sealed = outside & ~np.isin(label, open_labels) if open_labels.size else np.zeros_like(outside)
+    return torch.from_numpy(sealed).to(sdf_v.device)
+
+
+def sealed_air_loss(sdf_r: torch.Tensor, margin: float) -> torch.Tensor:
+    """Mean of relu(sdf + margin) over the SDF values `sdf_r` [R] of sealed-air vertices: pushes each
+    to at least `margin` inside; 0 (attached to the graph) when R = 0."""
+    return torch.relu(sdf_r + margin).sum() / max(sdf_r.numel(), 1)
+
+
+# ----------------------------------------------------------------------------------------------
 # DMTet geometry
 # ----------------------------------------------------------------------------------------------
 
@@ -589,6 +630,7 @@ class DMTetGeometry(nn.Module):
         self.register_buffer("edges", topo.edges)
         # Static per-tet edge ids for marching_tets; derived from `tets`, so not in the state dict.
         self.register_buffer("tet_edge_ids", topo.tet_edges, persistent=False)
+        self.register_buffer("boundary", box_boundary(self.grid_verts), persistent=False)
 
     def set_grid(self, grid_res: int) -> None:
         """Sample the same SDF network on another tet grid (the network is a function of position,
@@ -670,6 +712,13 @@ class DMTetGeometry(nn.Module):
             with torch.no_grad():
                 sdf = self.sdf_and_deform()[0]
             raise EmptyMeshError(_empty_mesh_message(sdf, self.grid_res, self.mesh_scale))
+
+    def sealed_air_rows(self) -> torch.Tensor:
+        """[R] int64 ids of the grid vertices of sealed air (``sealed_air``) in the current SDF; waits
+        for the device."""
+        with torch.no_grad():
+            sdf = self.sdf_and_deform()[0]
+        return torch.nonzero(sealed_air(sdf, self.edges, self.boundary)).squeeze(1)
 
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces, _ = self.extract_with_sdf()

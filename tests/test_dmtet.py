@@ -568,3 +568,111 @@ def test_classify_triton_matches_reference_on_gpu() -> None:
     ref = geo.extract_padded(planner)
     assert torch.equal(fused.faces, ref.faces) and torch.equal(fused.verts, ref.verts)
     assert torch.equal(fused.counts, ref.counts)
+
+
+# ---- sealed air --------------------------------------------------------------------------------
+
+def _flood_fill_sealed(sdf: np.ndarray, edges: np.ndarray, boundary: np.ndarray) -> np.ndarray:
+    """Reference: breadth-first search from the boundary's outside vertices along edges whose ends
+    are both outside; every outside vertex it does not reach is sealed."""
+    outside = sdf > 0
+    neighbours: dict[int, list[int]] = {}
+    for a, b in edges:
+        if outside[a] and outside[b]:
+            neighbours.setdefault(int(a), []).append(int(b))
+            neighbours.setdefault(int(b), []).append(int(a))
+    seen = set(np.flatnonzero(outside & boundary).tolist())
+    frontier = list(seen)
+    while frontier:
+        frontier = [n for v in frontier for n in neighbours.get(v, []) if n not in seen and not seen.add(n)]
+    reached = np.zeros_like(outside)
+    reached[list(seen)] = True
+    return outside & ~reached if (outside & boundary).any() else np.zeros_like(outside)
+
+
+def _bubble_sphere_sdf(p: np.ndarray, bubble: float = 0.3) -> np.ndarray:
+    """A solid ball of radius 0.8 with a sealed spherical void of radius `bubble` at its centre."""
+    r = np.linalg.norm(p, axis=1)
+    return np.maximum(r - 0.8, bubble - r)
+
+
+def test_sealed_air_matches_a_flood_fill_reference() -> None:
+    from geometry.dmtet import box_boundary, sealed_air
+    verts, tets = tet_grid(16)
+    edges = tet_edges(torch.from_numpy(tets))
+    boundary = box_boundary(torch.from_numpy(verts))
+    assert boundary.sum() == 9 ** 3 - 7 ** 3                        # the 9^3 lattice's outer shell
+    rng = np.random.default_rng(0)
+    n_sealed = []
+    for _ in range(20):
+        # Mostly inside, so that random outside vertices are often cut off from the boundary.
+        sdf = np.where(rng.random(len(verts)) < rng.uniform(0.1, 0.4), 1.0, -1.0).astype(np.float32)
+        got = sealed_air(torch.from_numpy(sdf), edges, boundary).numpy()
+        np.testing.assert_array_equal(got, _flood_fill_sealed(sdf, edges.numpy(), boundary.numpy()))
+        n_sealed.append(int(got.sum()))
+    assert max(n_sealed) > 0 and min(n_sealed) < max(n_sealed)     # the draws include sealed pockets
+    filled = -np.ones(len(verts), dtype=np.float32)
+    filled[len(verts) // 2] = 1.0                                   # one outside vertex, no outside boundary
+    assert not sealed_air(torch.from_numpy(filled), edges, boundary).any()
+    with pytest.raises(ValueError, match="sdf_v \\[V\\], edges_ex2 \\[E, 2\\]"):
+        sealed_air(torch.from_numpy(filled)[:, None], edges, boundary)
+
+
+def test_sealed_air_finds_a_void_and_not_an_open_cavity() -> None:
+    from geometry.dmtet import box_boundary, sealed_air
+    verts, tets = tet_grid(32)
+    p = verts * 2.1
+    edges, boundary = tet_edges(torch.from_numpy(tets)), box_boundary(torch.from_numpy(p))
+    void = sealed_air(torch.from_numpy(_bubble_sphere_sdf(p)), edges, boundary).numpy()
+    r = np.linalg.norm(p, axis=1)
+    np.testing.assert_array_equal(void, r < 0.3)                    # exactly the void's vertices
+    # The same ball with a shaft from the void up through the top: the void is open air now.
+    shaft = np.maximum(np.hypot(p[:, 0], p[:, 2]) - 0.15, -p[:, 1])   # < 0 in a vertical shaft above the centre
+    cavity = np.where(shaft < 0, -shaft, _bubble_sphere_sdf(p))
+    assert (cavity > 0).sum() > (r > 0.8).sum() + (r < 0.3).sum()   # the shaft is air
+    assert not sealed_air(torch.from_numpy(cavity.astype(np.float32)), edges, boundary).any()
+
+
+def test_sealed_air_term_fills_a_void_and_keeps_the_outer_surface() -> None:
+    """The loss the trainer adds (sealed_air > 0), beside a term that holds the outer surface where
+    it is (as the guidance does where views see it): the void goes within a few refreshes and the
+    outside stays."""
+    from geometry.dmtet import sealed_air_loss
+    torch.manual_seed(0)
+    geo = DMTetGeometry(32, 2.1, encoder_opts=SMALL_GRID)
+    points = geo.grid_verts
+    target = torch.from_numpy(_bubble_sphere_sdf(points.numpy(), bubble=0.35)).float()
+    opt = torch.optim.Adam(geo.sdf_net.parameters(), lr=1e-2)
+    for _ in range(300):                                            # fit the voided ball
+        opt.zero_grad()
+        ((geo.sdf_and_deform()[0] - target) ** 2).mean().backward()
+        opt.step()
+    rows = geo.sealed_air_rows()
+    assert rows.numel() > 50                                        # the fitted network has the void
+    r = torch.linalg.norm(points, dim=1)
+    seen = (r > 0.65) & (r < 0.95)                                  # a band around the outer surface
+    before = geo.sdf_and_deform()[0].detach() > 0
+    fitted = {k: v.clone() for k, v in geo.state_dict().items()}
+
+    def train(weight: float) -> int | None:
+        """300 steps at the geometry phase's rate; the step the void was gone at (None: never)."""
+        geo.load_state_dict(fitted)
+        opt, gone = torch.optim.Adam(geo.sdf_net.parameters(), lr=1e-3), None
+        for step in range(300):
+            if step % 10 == 0:                                      # the trainer's refresh interval
+                rows = geo.sealed_air_rows()
+                gone = step if gone is None and rows.numel() == 0 else gone
+            opt.zero_grad()
+            loss = ((geo.sdf_net(points[seen])[0] - target[seen]) ** 2).mean()
+            if weight and rows.numel():
+                loss = loss + weight * sealed_air_loss(geo.sdf_net(points[rows])[0], 2.1 / 16)
+            loss.backward()
+            opt.step()
+        return gone
+    assert train(0.0) is None                                       # holding the surface alone keeps it
+    gone = train(1.0)
+    assert gone is not None and gone <= 100, f"the void was gone at step {gone}"
+    after = geo.sdf_and_deform()[0].detach() > 0
+    assert geo.sealed_air_rows().numel() == 0
+    assert (before != after)[r > 0.5].sum() == 0                    # the outside surface is where it was
+    assert not after[r < 0.3].any()                                 # where the void was is solid

@@ -118,13 +118,33 @@ def test_regularizers_enter_the_step_and_the_log(tmp_path: Path, tiny_sd_path: P
     logged = {"sdf_regularizer": "sdf_reg", "laplacian_smoothness": "laplacian_smoothness",
               "normal_consistency": "normal_consistency"}
     base_log, base_state = run("none", {})
-    assert all(name not in r for r in base_log for name in logged.values())
+    assert all(name not in r for r in base_log for name in [*logged.values(), "sealed_air", "sealed_air_vertices"])
     for key, weight in (("sdf_regularizer", 0.2), ("laplacian_smoothness", 100.0), ("normal_consistency", 30.0)):
         log, state = run(key, {key: weight})
         assert all(np.isfinite(r[logged[key]]) and r[logged[key]] > 0 for r in log), key
         assert [r["loss"] for r in base_log[:1]] == [r["loss"] for r in log[:1]], key   # same first SDS step
         assert any(not torch.equal(a, b) for a, b in zip(base_state.values(), state.values())
                    if isinstance(a, torch.Tensor) and a.is_floating_point()), key
+
+
+def test_sealed_air_acts_on_a_hollow_start(tmp_path: Path, tiny_sd_path: Path) -> None:
+    """sealed_air > 0 on a start with a sealed void (custom_mesh init from a ball with an inner,
+    inward-facing sphere): the trainer finds the void's grid vertices and logs the term (its effect
+    on the weights: tests/test_dmtet.py)."""
+    import trimesh
+    outer, inner = trimesh.creation.icosphere(3, radius=1.0), trimesh.creation.icosphere(3, radius=0.6)
+    inner.invert()
+    (tmp_path / "hollow.obj").write_text(trimesh.util.concatenate([outer, inner]).export(file_type="obj"))
+
+    cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(tmp_path / "run"),
+                                  "iter": 2, "coarse_iter": 1, "save_interval": 2, "validate": False,
+                                  "video_frames": 0, "sdf_init_shape": "custom_mesh", "sdf_init_iter": 100,
+                                  "base_mesh": str(tmp_path / "hollow.obj"), "sealed_air": 1.0})
+    assert run_train(cfg) == 0
+    log = read_log(tmp_path / "run")
+    # The void (radius 0.6 of 1, scaled into the unit sphere) holds grid-32 vertices (spacing 2.1 / 16).
+    assert log[0]["sealed_air_vertices"] > 20 and log[0]["sealed_air"] > 0
+    # test_regularizers_enter_the_step_and_the_log: without the key nothing of it is logged.
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])   # the last coarse step; a fine one
