@@ -248,11 +248,11 @@ class Config:
     normal_consistency: float = _k(0.0, number(0.0), "weight of the surface's normal consistency (threestudio's "
                                    "lambda_normal_consistency: mean 1 - cos between the vertex normals of each edge's "
                                    "ends); 0: off, as published")
-    sealed_air: float = _k(0.0, number(0.0), "weight of a term that fills air sealed inside the solid: grid "
+    sealed_air: float = _k(1.0, number(0.0), "weight of a term that fills air sealed inside the solid: grid "
                            "vertices outside the surface that no outside path joins to the grid box's boundary "
                            "(found every 10 steps) are pushed inside. No view sees such voids; left alone they "
-                           "give double walls (a hollow torus). It also fills the air under a lid over a cavity. "
-                           "0: off, as published")
+                           "can grow into double walls (a hollow torus, IoU 0.707 against 0.997 with the term). "
+                           "It also fills the air under a lid sealed over a cavity. 0: off, as published")
     if_flip_the_normal: bool = _k(False, boolean, "negate positive normal x in the coarse stage (anti-Janus)")
     base_mesh: str | None = _k(None, path_or_none, "mesh: custom_mesh init (geometry) or the mesh to texture (appearance)")
     ref_mesh: str | None = _k(None, path_or_none, "published: unused reference mesh")

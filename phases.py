@@ -361,8 +361,10 @@ class GeometryPhase:
     def state_dict(self) -> dict[str, Any]:
         # The surface buffers' sizes too: a resumed run pads (and so renders) exactly as the straight one.
         cap = self.capacity.capacity
+        # And the sealed-air rows in use: they were found at the last refresh, not from these weights.
+        sealed = None if self.sealed is None else {"key": list(self.sealed[0]), "rows": self.sealed[1].cpu()}
         return {"geometry": self.geo.state_dict(), "surface_capacity": None if cap is None else list(cap),
-                "grid_res": self.geo.grid_res, "sdf_levels": self.geo.sdf_net.active_levels}
+                "grid_res": self.geo.grid_res, "sdf_levels": self.geo.sdf_net.active_levels, "sealed_air": sealed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from geometry.dmtet import SurfaceCapacity
@@ -371,6 +373,8 @@ class GeometryPhase:
         self.geo.sdf_net.set_active_levels(state.get("sdf_levels", self.geo.sdf_net.n_levels))
         cap = state.get("surface_capacity")          # absent in checkpoints written before it existed
         self.capacity.capacity = None if cap is None else SurfaceCapacity(*cap)
+        sealed = state.get("sealed_air")             # absent before it existed: found afresh
+        self.sealed = None if sealed is None else (tuple(sealed["key"]), sealed["rows"].to(self.geo.grid_verts.device))
 
 
 def build_phase(cfg: Config, info: distributed.DistInfo, run_dir: Path):

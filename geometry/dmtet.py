@@ -561,28 +561,45 @@ def box_boundary(grid_verts_vx3: torch.Tensor) -> torch.Tensor:
     return ((grid_verts_vx3 == lo) | (grid_verts_vx3 == hi)).any(1)
 
 
-def sealed_air(sdf_v: torch.Tensor, edges_ex2: torch.Tensor, boundary_v: torch.Tensor) -> torch.Tensor:
+def sealed_air(sdf_v: torch.Tensor, edges_ex2: torch.Tensor, grid_verts_vx3: torch.Tensor) -> torch.Tensor:
     """Grid vertices outside the surface (sdf > 0) that no path of outside vertices along tet edges
     joins to the grid box's boundary: air sealed inside the solid, which no camera can see.
 
-    sdf_v [V], edges_ex2 [E, 2] int64 (a tet grid's edges), boundary_v [V] bool (``box_boundary``).
-    Returns [V] bool on sdf_v's device. The components come from scipy on the host, so this waits
-    for the device. None are sealed when no boundary vertex is outside (a shape that fills the box
-    leaves nothing to call the outside).
+    sdf_v [V], edges_ex2 [E, 2] int64 and grid_verts_vx3 [V, 3] (undeformed) of a lattice tet grid
+    (``tet_grid``). Returns [V] bool on sdf_v's device. The components come from scipy on the host,
+    so this waits for the device. Only the box around the inside vertices, one lattice step larger,
+    is searched: every vertex beyond it is outside and joined to the boundary along an axis, and a
+    path that leaves the box passes a vertex on its faces. None are sealed when no boundary vertex
+    is outside (a shape that fills the box leaves nothing to call the outside).
     """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    if sdf_v.ndim != 1 or edges_ex2.ndim != 2 or edges_ex2.shape[1] != 2 or boundary_v.shape != sdf_v.shape:
-        raise ValueError(f"sealed_air: expected sdf_v [V], edges_ex2 [E, 2], boundary_v [V]; got "
-                         f"{tuple(sdf_v.shape)}, {tuple(edges_ex2.shape)}, {tuple(boundary_v.shape)}")
+    if (sdf_v.ndim != 1 or edges_ex2.ndim != 2 or edges_ex2.shape[1] != 2
+            or grid_verts_vx3.shape != (sdf_v.shape[0], 3)):
+        raise ValueError(f"sealed_air: expected sdf_v [V], edges_ex2 [E, 2], grid_verts_vx3 [V, 3]; got "
+                         f"{tuple(sdf_v.shape)}, {tuple(edges_ex2.shape)}, {tuple(grid_verts_vx3.shape)}")
     outside = (sdf_v.detach() > 0).cpu().numpy()
+    sealed = np.zeros_like(outside)
+    pos = grid_verts_vx3.cpu().numpy()
+    if outside.all() or not (outside & box_boundary(grid_verts_vx3).cpu().numpy()).any():
+        return torch.from_numpy(sealed).to(sdf_v.device)
+    step = np.diff(np.unique(pos[:, 0])[:2])[0]                         # lattice spacing
+    lo, hi = pos[~outside].min(0) - 1.5 * step, pos[~outside].max(0) + 1.5 * step
+    box_lo, box_hi = np.maximum(lo, pos.min(0)), np.minimum(hi, pos.max(0))
+    in_box = ((pos >= box_lo) & (pos <= box_hi)).all(1)
+    ids = np.flatnonzero(in_box)                                        # searched vertices
+    local = np.full(outside.shape[0], -1)
+    local[ids] = np.arange(ids.size)
     edges = edges_ex2.cpu().numpy()
-    edges = edges[outside[edges[:, 0]] & outside[edges[:, 1]]]          # edges that cross no surface
-    n = outside.shape[0]
-    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    edges = edges[in_box[edges[:, 0]] & in_box[edges[:, 1]] & outside[edges[:, 0]] & outside[edges[:, 1]]]
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (local[edges[:, 0]], local[edges[:, 1]])),
+                       shape=(ids.size, ids.size))
     _, label = connected_components(graph, directed=False)
-    open_labels = np.unique(label[outside & boundary_v.cpu().numpy()])
-    sealed = outside & ~np.isin(label, open_labels) if open_labels.size else np.zeros_like(outside)
+    p = pos[ids]
+    on_faces = (np.isclose(p, p.min(0)) | np.isclose(p, p.max(0))).any(1)   # the searched box's faces
+    air = outside[ids]
+    open_labels = np.unique(label[air & on_faces])
+    sealed[ids] = air & ~np.isin(label, open_labels)
     return torch.from_numpy(sealed).to(sdf_v.device)
 
 
@@ -630,7 +647,6 @@ class DMTetGeometry(nn.Module):
         self.register_buffer("edges", topo.edges)
         # Static per-tet edge ids for marching_tets; derived from `tets`, so not in the state dict.
         self.register_buffer("tet_edge_ids", topo.tet_edges, persistent=False)
-        self.register_buffer("boundary", box_boundary(self.grid_verts), persistent=False)
 
     def set_grid(self, grid_res: int) -> None:
         """Sample the same SDF network on another tet grid (the network is a function of position,
@@ -718,7 +734,7 @@ class DMTetGeometry(nn.Module):
         for the device."""
         with torch.no_grad():
             sdf = self.sdf_and_deform()[0]
-        return torch.nonzero(sealed_air(sdf, self.edges, self.boundary)).squeeze(1)
+        return torch.nonzero(sealed_air(sdf, self.edges, self.grid_verts)).squeeze(1)
 
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces, _ = self.extract_with_sdf()

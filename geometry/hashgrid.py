@@ -133,7 +133,7 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
     acc = w[:, :, 0, None] * feats[:, :, 0]
     for c in range(1, 8):
         acc = acc + w[:, :, c, None] * feats[:, :, c]                            # [N, L, F]
-    return acc.reshape(acc.shape[0], -1)
+    return acc.reshape(acc.shape[0], acc.shape[1] * acc.shape[2])              # explicit: N may be 0
 
 
 class HashGridEncoder(nn.Module):

@@ -81,7 +81,7 @@ def test_markdown_and_json_outputs(tmp_path):
 
 def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_path):
     shipped = "torchrun --standalone --nproc_per_node=1 train.py --config configs/car_geometry.json dmtet_grid=128 " \
-              "target_mesh=/tmp/quality_refs/{ref}.obj emulate_gpus=8 guidance=target_mesh sdf_init_iter=2000{extra}"
+              "target_mesh=/tmp/quality_refs/{ref}.obj emulate_gpus=8 guidance=target_mesh sdf_init_iter=2000 sealed_air=1{extra}"
 
     def run(tag: str, ref: str, chamfer: float, iou: float, extra: str = "") -> None:
         data = {"job": tag, "command": shipped.format(ref=ref, extra=extra), "wall_s": 500,
@@ -94,10 +94,14 @@ def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_
     run("bowl_s7", "bowl", 0.012, 0.95, " seed=7")                     # Chamfer 1.2%: the criterion fails
     run("bowl_e80", "bowl", 0.012, 0.95, " elevation_range=[-10,80]")  # not the published cameras: not counted
     run("stool_l5", "thin_parts", 0.001, 0.99, " sdf_levels_coarse=5")  # another recipe: not counted
+    old = shipped.replace(" sealed_air=1", "")
+    data = {"job": "torus_old", "command": old.format(ref="torus", extra=""), "wall_s": 500,   # older defaults
+            "eval": {"reference": "/tmp/quality_refs/torus.obj", "chamfer": 0.009, "iou": 0.7, "image_kind": "normal"}}
+    (tmp_path / "eval_torus_old.json").write_text(json.dumps(data))
     run("cup", "cup", 0.02, 0.8)
     rows = {(r["reference"], r["setting"]["config"]): r for r in acceptance.acceptance(acceptance.collect(tmp_path))}
     torus, bowl = rows[("torus", "car_geometry")], rows[("bowl", "car_geometry")]
-    assert torus["holds"] and torus["seeds"] == [7, 42]
+    assert torus["holds"] and torus["seeds"] == [7, 42] and torus["runs"] == 2   # not the older defaults' run
     assert (bowl["holds"], bowl["passed"], bowl["runs"]) == (False, 1, 2)
     assert not rows[("thin_parts", "car_geometry")]["holds"] and rows[("thin_parts", "car_geometry")]["runs"] == 0
     cup = rows[("cup", "car_geometry")]

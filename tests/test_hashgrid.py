@@ -89,6 +89,13 @@ def _encode_with_table(enc, x: torch.Tensor, table: torch.Tensor) -> torch.Tenso
     return hash_encode_torch(normalize_to_aabb(x, enc.aabb), table, enc.layout)
 
 
+def test_no_points_encode_to_an_empty_batch() -> None:
+    enc = make_encoder(AABB, HashGridOptions(log2_hashmap_size=10), backend="torch")
+    assert enc(torch.zeros(0, 3)).shape == (0, 16 * 2)                  # 16 levels x 2 features
+    sdf, deform = SDFNetwork(AABB, HashGridOptions(log2_hashmap_size=10), backend="torch")(torch.zeros(0, 3))
+    assert sdf.shape == (0,) and deform.shape == (0, 3)
+
+
 def test_outside_points_are_clamped_with_zero_input_gradient() -> None:
     enc = make_encoder(AABB, HashGridOptions(log2_hashmap_size=10), backend="torch")
     x = torch.tensor([[5.0, 0.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)

@@ -105,7 +105,8 @@ def test_emulate_four_gpus_covers_all_sectors_every_step(tmp_path: Path, tiny_sd
 
 def test_regularizers_enter_the_step_and_the_log(tmp_path: Path, tiny_sd_path: Path) -> None:
     """Each geometry regularizer's key > 0 adds its term to each step (logged under its name) and
-    changes the trained weights; 0, the published default, logs nothing of it."""
+    changes the trained weights; 0, the published default, logs nothing of it (sealed_air: 0 logs
+    nothing; its default 1 is tested below)."""
     def run(name: str, overrides: dict[str, float]) -> tuple[list[dict], dict]:
         run_dir = tmp_path / name
         cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(run_dir),
@@ -117,34 +118,34 @@ def test_regularizers_enter_the_step_and_the_log(tmp_path: Path, tiny_sd_path: P
 
     logged = {"sdf_regularizer": "sdf_reg", "laplacian_smoothness": "laplacian_smoothness",
               "normal_consistency": "normal_consistency"}
-    base_log, base_state = run("none", {})
+    base_log, base_state = run("none", {"sealed_air": 0.0})
     assert all(name not in r for r in base_log for name in [*logged.values(), "sealed_air", "sealed_air_vertices"])
     for key, weight in (("sdf_regularizer", 0.2), ("laplacian_smoothness", 100.0), ("normal_consistency", 30.0)):
-        log, state = run(key, {key: weight})
+        log, state = run(key, {key: weight, "sealed_air": 0.0})
         assert all(np.isfinite(r[logged[key]]) and r[logged[key]] > 0 for r in log), key
         assert [r["loss"] for r in base_log[:1]] == [r["loss"] for r in log[:1]], key   # same first SDS step
         assert any(not torch.equal(a, b) for a, b in zip(base_state.values(), state.values())
                    if isinstance(a, torch.Tensor) and a.is_floating_point()), key
 
 
-def test_sealed_air_acts_on_a_hollow_start(tmp_path: Path, tiny_sd_path: Path) -> None:
-    """sealed_air > 0 on a start with a sealed void (custom_mesh init from a ball with an inner,
-    inward-facing sphere): the trainer finds the void's grid vertices and logs the term (its effect
-    on the weights: tests/test_dmtet.py)."""
+def test_sealed_air_acts_on_a_hollow_start_and_resumes_exactly(tmp_path: Path, tiny_sd_path: Path) -> None:
+    """sealed_air (default 1) on a start with a sealed void (custom_mesh init from a ball with an
+    inner, inward-facing sphere): the trainer finds the void's grid vertices and logs the term (its
+    effect on the weights: tests/test_dmtet.py); a run resumed between two searches uses the rows
+    of the last search, as the straight run does (they are checkpointed)."""
     import trimesh
     outer, inner = trimesh.creation.icosphere(3, radius=1.0), trimesh.creation.icosphere(3, radius=0.6)
     inner.invert()
     (tmp_path / "hollow.obj").write_text(trimesh.util.concatenate([outer, inner]).export(file_type="obj"))
-
-    cfg = write_config(tmp_path, {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "out_dir": str(tmp_path / "run"),
-                                  "iter": 2, "coarse_iter": 1, "save_interval": 2, "validate": False,
-                                  "video_frames": 0, "sdf_init_shape": "custom_mesh", "sdf_init_iter": 100,
-                                  "base_mesh": str(tmp_path / "hollow.obj"), "sealed_air": 1.0})
-    assert run_train(cfg) == 0
-    log = read_log(tmp_path / "run")
+    config = {**TINY_GEOMETRY, "sd_model": str(tiny_sd_path), "iter": 4, "coarse_iter": 2, "save_interval": 2,
+              "validate": False, "video_frames": 0, "sdf_init_shape": "custom_mesh", "sdf_init_iter": 100,
+              "base_mesh": str(tmp_path / "hollow.obj")}
+    first, _, log_a, log_b = check_resume_matches_straight_run(tmp_path, config, stop_at=3)
     # The void (radius 0.6 of 1, scaled into the unit sphere) holds grid-32 vertices (spacing 2.1 / 16).
-    assert log[0]["sealed_air_vertices"] > 20 and log[0]["sealed_air"] > 0
-    # test_regularizers_enter_the_step_and_the_log: without the key nothing of it is logged.
+    assert log_a[0]["sealed_air_vertices"] > 20 and log_a[0]["sealed_air"] > 0
+    assert first["phase"]["sealed_air"]["key"] == [0, 32]           # found at iteration 1, in use at 3
+    for key in ("loss", "sealed_air", "sealed_air_vertices"):
+        assert [r[key] for r in log_a] == [r[key] for r in log_b], key
 
 
 @pytest.mark.parametrize("stop_at", [4, 6])   # the last coarse step; a fine one
