@@ -274,7 +274,7 @@ class GeometryPhase:
 
     def _sealed_air(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sealed-air term and the rows it acts on, found anew every SEALED_AIR_EVERY iterations
-        and on a new grid. Finding them waits for the device (scipy's components on the host), hence
+        and on a new grid. Finding them waits for the device (the components are labelled on the host), hence
         not every step; every rank finds the same rows from the same weights, so nothing is exchanged."""
         from geometry.dmtet import sealed_air_loss
         key = ((it - 1) // SEALED_AIR_EVERY, self.geo.grid_res)

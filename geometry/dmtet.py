@@ -555,52 +555,50 @@ def sdf_regularizer_weight(weight: float, it: int, iters: int) -> float:
 # Sealed air
 # ----------------------------------------------------------------------------------------------
 
-def box_boundary(grid_verts_vx3: torch.Tensor) -> torch.Tensor:
-    """[V] bool: the grid vertices on the faces of the grid's bounding box."""
-    lo, hi = grid_verts_vx3.min(0).values, grid_verts_vx3.max(0).values
-    return ((grid_verts_vx3 == lo) | (grid_verts_vx3 == hi)).any(1)
+def _kuhn_stencil() -> np.ndarray:
+    """[3, 3, 3] bool: the lattice offsets joined by an edge of a Kuhn tet (and the centre): the
+    axes, the diagonals e_i + e_j and e_x + e_y + e_z, each both ways (14 neighbours)."""
+    offsets = {tuple(b - a) for tet in _kuhn_cube_tets() for a in tet for b in tet}   # includes (0, 0, 0)
+    stencil = np.zeros((3, 3, 3), dtype=bool)
+    for d in offsets:
+        stencil[tuple(np.array(d) + 1)] = True
+    return stencil
 
 
-def sealed_air(sdf_v: torch.Tensor, edges_ex2: torch.Tensor, grid_verts_vx3: torch.Tensor) -> torch.Tensor:
+def sealed_air(sdf_v: torch.Tensor, grid_res: int) -> torch.Tensor:
     """Grid vertices outside the surface (sdf > 0) that no path of outside vertices along tet edges
     joins to the grid box's boundary: air sealed inside the solid, which no camera can see.
 
-    sdf_v [V], edges_ex2 [E, 2] int64 and grid_verts_vx3 [V, 3] (undeformed) of a lattice tet grid
-    (``tet_grid``). Returns [V] bool on sdf_v's device. The components come from scipy on the host,
-    so this waits for the device. Only the box around the inside vertices, one lattice step larger,
-    is searched: every vertex beyond it is outside and joined to the boundary along an axis, and a
-    path that leaves the box passes a vertex on its faces. None are sealed when no boundary vertex
-    is outside (a shape that fills the box leaves nothing to call the outside).
+    sdf_v [V] on the vertices of ``tet_grid(grid_res)`` (a lattice of n = grid_res / 2 + 1 vertices
+    per axis, V = n^3, in its order). Returns [V] bool on sdf_v's device. The components come from
+    scipy.ndimage on the host (the tet edges are the lattice's 14-neighbour stencil), so this waits
+    for the device. Only the bounding box of the inside vertices is searched: every vertex beyond it
+    is outside and joined to the grid's faces along an axis, so every outside vertex on the box's
+    faces is open, and a path that leaves the box passes one of them. None are sealed when no vertex
+    on the grid's faces is outside (a shape that fills the box leaves nothing to call the outside).
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-    if (sdf_v.ndim != 1 or edges_ex2.ndim != 2 or edges_ex2.shape[1] != 2
-            or grid_verts_vx3.shape != (sdf_v.shape[0], 3)):
-        raise ValueError(f"sealed_air: expected sdf_v [V], edges_ex2 [E, 2], grid_verts_vx3 [V, 3]; got "
-                         f"{tuple(sdf_v.shape)}, {tuple(edges_ex2.shape)}, {tuple(grid_verts_vx3.shape)}")
-    outside = (sdf_v.detach() > 0).cpu().numpy()
-    sealed = np.zeros_like(outside)
-    pos = grid_verts_vx3.cpu().numpy()
-    if outside.all() or not (outside & box_boundary(grid_verts_vx3).cpu().numpy()).any():
-        return torch.from_numpy(sealed).to(sdf_v.device)
-    step = np.diff(np.unique(pos[:, 0])[:2])[0]                         # lattice spacing
-    lo, hi = pos[~outside].min(0) - 1.5 * step, pos[~outside].max(0) + 1.5 * step
-    box_lo, box_hi = np.maximum(lo, pos.min(0)), np.minimum(hi, pos.max(0))
-    in_box = ((pos >= box_lo) & (pos <= box_hi)).all(1)
-    ids = np.flatnonzero(in_box)                                        # searched vertices
-    local = np.full(outside.shape[0], -1)
-    local[ids] = np.arange(ids.size)
-    edges = edges_ex2.cpu().numpy()
-    edges = edges[in_box[edges[:, 0]] & in_box[edges[:, 1]] & outside[edges[:, 0]] & outside[edges[:, 1]]]
-    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (local[edges[:, 0]], local[edges[:, 1]])),
-                       shape=(ids.size, ids.size))
-    _, label = connected_components(graph, directed=False)
-    p = pos[ids]
-    on_faces = (np.isclose(p, p.min(0)) | np.isclose(p, p.max(0))).any(1)   # the searched box's faces
-    air = outside[ids]
-    open_labels = np.unique(label[air & on_faces])
-    sealed[ids] = air & ~np.isin(label, open_labels)
-    return torch.from_numpy(sealed).to(sdf_v.device)
+    from scipy import ndimage
+    _check_res(grid_res)
+    n = grid_res // 2 + 1
+    if sdf_v.shape != (n ** 3,):
+        raise ValueError(f"sealed_air: expected sdf_v [{n ** 3}] (the dmtet_grid={grid_res} lattice, {n}^3 "
+                         f"vertices); got {tuple(sdf_v.shape)}")
+    outside = (sdf_v.detach() > 0).reshape(n, n, n)
+    sealed = torch.zeros_like(outside)
+    faces_outside = torch.stack([outside[0].any(), outside[-1].any(), outside[:, 0].any(), outside[:, -1].any(),
+                                 outside[:, :, 0].any(), outside[:, :, -1].any()]).any()
+    inside = torch.nonzero(~outside)                                      # [I, 3] lattice indices
+    if inside.shape[0] == 0 or not bool(faces_outside):
+        return sealed.reshape(-1)
+    lo, hi = inside.min(0).values.tolist(), (inside.max(0).values + 1).tolist()
+    box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+    air = outside[box].cpu().numpy()                                      # the searched box
+    label, _ = ndimage.label(air, structure=_kuhn_stencil())
+    faces = np.concatenate([f.ravel() for f in (label[0], label[-1], label[:, 0], label[:, -1],
+                                                 label[:, :, 0], label[:, :, -1])])
+    sealed_box = air & ~np.isin(label, faces[faces > 0])
+    sealed[box] = torch.from_numpy(sealed_box).to(sdf_v.device)
+    return sealed.reshape(-1)
 
 
 def sealed_air_loss(sdf_r: torch.Tensor, margin: float) -> torch.Tensor:
@@ -734,7 +732,7 @@ class DMTetGeometry(nn.Module):
         for the device."""
         with torch.no_grad():
             sdf = self.sdf_and_deform()[0]
-        return torch.nonzero(sealed_air(sdf, self.edges, self.grid_verts)).squeeze(1)
+        return torch.nonzero(sealed_air(sdf, self.grid_res)).squeeze(1)
 
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces, _ = self.extract_with_sdf()

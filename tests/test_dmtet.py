@@ -597,10 +597,12 @@ def _bubble_sphere_sdf(p: np.ndarray, bubble: float = 0.3) -> np.ndarray:
 
 
 def test_sealed_air_matches_a_flood_fill_reference() -> None:
-    from geometry.dmtet import box_boundary, sealed_air
+    """scipy.ndimage's labels with the Kuhn stencil, in the bounding box of the inside, against a
+    search along the grid's actual tet edges over the whole grid."""
+    from geometry.dmtet import sealed_air
     verts, tets = tet_grid(16)
     edges = tet_edges(torch.from_numpy(tets))
-    boundary = box_boundary(torch.from_numpy(verts))
+    boundary = (np.abs(verts) == 0.5).any(1)                        # on the grid box's faces
     assert boundary.sum() == 9 ** 3 - 7 ** 3                        # the 9^3 lattice's outer shell
     rng = np.random.default_rng(0)
     lattice = np.round((verts + 0.5) * 8).astype(int)                # indices 0..8 per axis
@@ -608,33 +610,31 @@ def test_sealed_air_matches_a_flood_fill_reference() -> None:
     for draw in range(20):
         # Mostly inside, so that random outside vertices are often cut off from the boundary.
         sdf = np.where(rng.random(len(verts)) < rng.uniform(0.1, 0.4), 1.0, -1.0).astype(np.float32)
-        if draw % 2:   # the inside only in a sub-box: the search covers that box and a step around it
+        if draw % 2:   # the inside only in a sub-box: the search covers that box alone
             a = rng.integers(1, 4, 3)
             sdf[~((lattice >= a) & (lattice <= a + rng.integers(2, 4, 3))).all(1)] = 1.0
-        got = sealed_air(torch.from_numpy(sdf), edges, torch.from_numpy(verts)).numpy()
-        np.testing.assert_array_equal(got, _flood_fill_sealed(sdf, edges.numpy(), boundary.numpy()))
+        got = sealed_air(torch.from_numpy(sdf), 16).numpy()
+        np.testing.assert_array_equal(got, _flood_fill_sealed(sdf, edges.numpy(), boundary))
         n_sealed.append(int(got.sum()))
     assert max(n_sealed) > 0 and min(n_sealed) < max(n_sealed)     # the draws include sealed pockets
     filled = -np.ones(len(verts), dtype=np.float32)
     filled[len(verts) // 2] = 1.0                                   # one outside vertex, no outside boundary
-    assert not sealed_air(torch.from_numpy(filled), edges, torch.from_numpy(verts)).any()
-    with pytest.raises(ValueError, match="sdf_v \\[V\\], edges_ex2 \\[E, 2\\]"):
-        sealed_air(torch.from_numpy(filled)[:, None], edges, torch.from_numpy(verts))
+    assert not sealed_air(torch.from_numpy(filled), 16).any()
+    with pytest.raises(ValueError, match=r"expected sdf_v \[729\] \(the dmtet_grid=16 lattice, 9\^3 vertices\)"):
+        sealed_air(torch.from_numpy(filled)[:, None], 16)
 
 
 def test_sealed_air_finds_a_void_and_not_an_open_cavity() -> None:
     from geometry.dmtet import sealed_air
-    verts, tets = tet_grid(32)
-    p = verts * 2.1
-    edges, grid = tet_edges(torch.from_numpy(tets)), torch.from_numpy(p)
-    void = sealed_air(torch.from_numpy(_bubble_sphere_sdf(p)), edges, grid).numpy()
+    p = tet_grid(32)[0] * 2.1
+    void = sealed_air(torch.from_numpy(_bubble_sphere_sdf(p)), 32).numpy()
     r = np.linalg.norm(p, axis=1)
     np.testing.assert_array_equal(void, r < 0.3)                    # exactly the void's vertices
     # The same ball with a shaft from the void up through the top: the void is open air now.
     shaft = np.maximum(np.hypot(p[:, 0], p[:, 2]) - 0.15, -p[:, 1])   # < 0 in a vertical shaft above the centre
     cavity = np.where(shaft < 0, -shaft, _bubble_sphere_sdf(p))
     assert (cavity > 0).sum() > (r > 0.8).sum() + (r < 0.3).sum()   # the shaft is air
-    assert not sealed_air(torch.from_numpy(cavity.astype(np.float32)), edges, grid).any()
+    assert not sealed_air(torch.from_numpy(cavity.astype(np.float32)), 32).any()
 
 
 def test_sealed_air_term_fills_a_void_and_keeps_the_outer_surface() -> None:
