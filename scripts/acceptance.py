@@ -238,7 +238,8 @@ def _geometry(what: str, reference: str, config: str = "car_geometry", limit: st
 
 
 def _appearance(strategy: int, config: str, views: int) -> Criterion:
-    return Criterion(f"appearance, SDS strategy {strategy}", Setting("textured", config, None, "-10..45", views, "published"))
+    return Criterion(f"appearance, SDS strategy {strategy}",
+                     Setting("textured", config, None, "-10..45", views, "published"))
 
 
 CREASE = ("a flat floor meets its wall at a crease: raising it changes only which pixels show floor or wall, and "
@@ -294,7 +295,8 @@ def acceptance_markdown(rows: list[dict]) -> list[str]:
     lines = ["## Acceptance at the shipped defaults", "",
              "Grid 128, 512^2, each config's published cameras (-10..45) and GPUs' views per step; geometry with "
              f"the shipped recipe (`{SHIPPED_GEOMETRY}`: our two keys at their defaults, written out by the runs), "
-             "appearance with the configs unchanged. A criterion holds when it has runs and every one passes.", "", *head, *map(row, required), "",
+             "appearance with the configs unchanged. A criterion holds when it has runs and every one passes.", "",
+             *head, *map(row, required), "",
              "**Every criterion holds.**" if not failing else f"**Not holding: {'; '.join(failing)}.**"]
     limits = [d for d in rows if d["limit"]]
     if limits:
