@@ -263,7 +263,7 @@ class GeometryPhase:
             values["sdf_reg"] = reg.detach()
             loss = loss + sdf_regularizer_weight(self.cfg.sdf_regularizer, it, self.cfg.iter) * reg
         if self.cfg.sealed_air > 0:
-            air, rows = self._sealed_air(it)
+            air, rows = self._sealed_air(it, surf.grid_sdf)
             values["sealed_air"], values["sealed_air_vertices"] = air.detach(), torch.tensor(float(rows.numel()))
             loss = loss + self.cfg.sealed_air * air
         for key, weight, term in self.surface_terms:
@@ -272,14 +272,15 @@ class GeometryPhase:
             loss = loss + weight * value
         return StepResult(loss=loss, sds=sds, device_values=values)
 
-    def _sealed_air(self, it: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sealed-air term and the rows it acts on, found anew every SEALED_AIR_EVERY iterations
-        and on a new grid. Finding them waits for the device (the components are labelled on the host), hence
-        not every step; every rank finds the same rows from the same weights, so nothing is exchanged."""
+    def _sealed_air(self, it: int, grid_sdf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sealed-air term and the rows it acts on, found in this step's grid SDF (`grid_sdf` [V])
+        anew every SEALED_AIR_EVERY iterations and on a new grid. Finding them waits for the device
+        (the components are labelled on the host), hence not every step; every rank finds the same
+        rows from the same weights, so nothing is exchanged."""
         from geometry.dmtet import sealed_air_loss
         key = ((it - 1) // SEALED_AIR_EVERY, self.geo.grid_res)
         if self.sealed is None or self.sealed[0] != key:
-            self.sealed = (key, self.geo.sealed_air_rows())
+            self.sealed = (key, self.geo.sealed_air_rows(grid_sdf))
         rows = self.sealed[1]
         if rows.numel() == 0:
             return torch.zeros((), device=rows.device), rows

@@ -300,6 +300,9 @@ class PaddedSurface(NamedTuple):
     # that the sign-change regularizer needs; kept as made (no kernel) for steps without it.
     edge_sdf: tuple[torch.Tensor, torch.Tensor] | None = None
     edge_ok: torch.Tensor | None = None
+    # [V] the SDF at every grid vertex without gradients (DMTetGeometry.extract_padded: the values
+    # the signs came from), for what else needs the whole grid this step (the sealed-air search).
+    grid_sdf: torch.Tensor | None = None
 
     def sign_change_loss(self) -> torch.Tensor:
         """sdf_sign_change_loss of the grid this surface came from (0-dim)."""
@@ -714,7 +717,7 @@ class DMTetGeometry(nn.Module):
         # Only when the ends outgrew their buffer (counted, reported late): drop faces that use them
         # (pad faces come out as they went in: the same row gives the same pad vertex).
         faces = _pad_faces(st.faces, v_ok[:, 0][st.faces].all(1), v_ok.shape[0])
-        return PaddedSurface(verts, faces, torch.cat([st.counts, n_ends.view(1)]), (s_a, s_b), v_ok[:, 0])
+        return PaddedSurface(verts, faces, torch.cat([st.counts, n_ends.view(1)]), (s_a, s_b), v_ok[:, 0], sdf_all)
 
     def check_counts(self, counts: Sequence[int]) -> None:
         """Raise for host-read PaddedSurface counts of a broken surface: a non-finite SDF
@@ -727,12 +730,13 @@ class DMTetGeometry(nn.Module):
                 sdf = self.sdf_and_deform()[0]
             raise EmptyMeshError(_empty_mesh_message(sdf, self.grid_res, self.mesh_scale))
 
-    def sealed_air_rows(self) -> torch.Tensor:
-        """[R] int64 ids of the grid vertices of sealed air (``sealed_air``) in the current SDF; waits
-        for the device."""
-        with torch.no_grad():
-            sdf = self.sdf_and_deform()[0]
-        return torch.nonzero(sealed_air(sdf, self.grid_res)).squeeze(1)
+    def sealed_air_rows(self, sdf_v: torch.Tensor | None = None) -> torch.Tensor:
+        """[R] int64 ids of the grid vertices of sealed air (``sealed_air``) in the current SDF, or in
+        `sdf_v` [V] when given (e.g. a PaddedSurface's grid_sdf: no second pass); waits for the device."""
+        if sdf_v is None:
+            with torch.no_grad():
+                sdf_v = self.sdf_and_deform()[0]
+        return torch.nonzero(sealed_air(sdf_v, self.grid_res)).squeeze(1)
 
     def extract(self) -> tuple[torch.Tensor, torch.Tensor]:
         verts, faces, _ = self.extract_with_sdf()

@@ -279,11 +279,15 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _chamfer_max(summary_row: dict) -> str:
+    return "-" if summary_row["chamfer_max"] is None else f"{100 * summary_row['chamfer_max']:.3f}%"
+
+
 def acceptance_markdown(rows: list[dict]) -> list[str]:
     def row(d: dict) -> str:
         s = d["setting"]
         iou = "-" if d["iou_min_median_max"] is None else f"{d['iou_min_median_max'][0]:.3f}"
-        chamfer = "-" if d["chamfer_max"] is None else f"{100 * d['chamfer_max']:.3f}%"
+        chamfer = _chamfer_max(d)
         verdict = "yes" if d["holds"] else "no runs" if not d["runs"] else "no"
         return (f"| {d['what']} | {d['reference']} | {s['config']} | {s['views']} | {d['passed']} / {d['runs']} | "
                 f"{iou} | {chamfer} | {_fmt(d['psnr_min'], '.1f')} | {', '.join(map(str, d['seeds'])) or '-'} | "
@@ -324,7 +328,7 @@ def markdown(groups: dict[Setting, list[Run]]) -> str:
     for s in sorted(groups, key=lambda s: (s.reference, s.grid or 0, s.cameras, s.config, s.views, s.recipe)):
         d = summary(s, groups[s])
         iou = "-" if d["iou_min_median_max"] is None else " / ".join(f"{v:.3f}" for v in d["iou_min_median_max"])
-        chamfer = "-" if d["chamfer_max"] is None else f"{100 * d['chamfer_max']:.3f}%"
+        chamfer = _chamfer_max(d)
         failed = f" ({d['failed_before_evaluation']} failed)" if d["failed_before_evaluation"] else ""
         lines.append(f"| {s.reference} | {s.config} | {s.grid or '-'} | {s.cameras} | {s.views} | {s.recipe} | "
                      f"{d['passed']} / {d['runs']}{failed} | {iou} | {chamfer} | {_fmt(d['psnr_min'], '.1f')} | "
