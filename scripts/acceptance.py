@@ -34,6 +34,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MAX_CHAMFER = 0.01      # of the reference's bounding-box diagonal
 MIN_IOU = 0.90
 MIN_PSNR = 30.0         # dB, albedo on 8 held-out views
+# A pass this close to a bar is named beside the verdict: another seed may well fall on the other side.
+NEAR_CHAMFER = 0.9 * MAX_CHAMFER
+NEAR_IOU = MIN_IOU + 0.01
+NEAR_PSNR = MIN_PSNR + 1.0
 # Overrides that say what is evaluated or how it is logged, not how it is trained; the setting's
 # other fields (grid, cameras, views, seed) are read from their own keys.
 NOT_RECIPE = {"guidance", "target_mesh", "base_mesh", "video_frames", "validate", "out_dir", "seed",
@@ -101,6 +105,20 @@ def passes(ev: dict) -> bool:
     if ev.get("image_kind") == "albedo":
         return ev.get("psnr", 0.0) >= MIN_PSNR
     return ev["chamfer"] <= MAX_CHAMFER and ev["iou"] >= MIN_IOU
+
+
+def near_bar(run: Run) -> list[str]:
+    """The values of a passing run that are close to their bar (NEAR_*), formatted for the ledger."""
+    if not run.passed:
+        return []
+    near = []
+    if run.chamfer is not None and run.chamfer > NEAR_CHAMFER:
+        near.append(f"Chamfer {100 * run.chamfer:.3f}%")
+    if run.iou is not None and run.iou < NEAR_IOU:
+        near.append(f"IoU {run.iou:.3f}")
+    if run.chamfer is None and run.psnr is not None and run.psnr < NEAR_PSNR:   # appearance: PSNR is the bar
+        near.append(f"PSNR {run.psnr:.1f} dB")
+    return near
 
 
 def read_run(path: Path, root: Path) -> tuple[Setting, Run] | None:
@@ -271,7 +289,8 @@ def acceptance(groups: dict[Setting, list[Run]]) -> list[dict]:
         runs = groups.get(c.setting, [])
         d = summary(c.setting, runs)
         rows.append({"what": c.what, "reference": c.setting.reference, "limit": c.limit, **d,
-                     "holds": bool(runs) and all(r.passed for r in runs)})
+                     "holds": bool(runs) and all(r.passed for r in runs),
+                     "near_bar": [v for r in runs for v in near_bar(r)]})
     return rows
 
 
@@ -288,7 +307,8 @@ def acceptance_markdown(rows: list[dict]) -> list[str]:
         s = d["setting"]
         iou = "-" if d["iou_min_median_max"] is None else f"{d['iou_min_median_max'][0]:.3f}"
         chamfer = _chamfer_max(d)
-        verdict = "yes" if d["holds"] else "no runs" if not d["runs"] else "no"
+        verdict = ("yes, near a bar" if d["near_bar"] else "yes") if d["holds"] else \
+            "no runs" if not d["runs"] else "no"
         return (f"| {d['what']} | {d['reference']} | {s['config']} | {s['views']} | {d['passed']} / {d['runs']} | "
                 f"{iou} | {chamfer} | {_fmt(d['psnr_min'], '.1f')} | {', '.join(map(str, d['seeds'])) or '-'} | "
                 f"{verdict} |")
@@ -296,12 +316,16 @@ def acceptance_markdown(rows: list[dict]) -> list[str]:
             "| holds |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     required = [d for d in rows if not d["limit"]]
     failing = [d["what"] for d in required if not d["holds"]]
+    near = [f"{d['what']} ({', '.join(d['near_bar'])})" for d in required if d["holds"] and d["near_bar"]]
     lines = ["## Acceptance at the shipped defaults", "",
              "Grid 128, 512^2, each config's published cameras (-10..45) and GPUs' views per step; geometry with "
              f"the shipped recipe (`{SHIPPED_GEOMETRY}`: our two keys at their defaults, written out by the runs), "
              "appearance with the configs unchanged. A criterion holds when it has runs and every one passes.", "",
              *head, *map(row, required), "",
              "**Every criterion holds.**" if not failing else f"**Not holding: {'; '.join(failing)}.**"]
+    if near:
+        lines += ["", f"Passing near a bar (Chamfer above {100 * NEAR_CHAMFER:.1f}%, IoU below {NEAR_IOU:.2f}, "
+                  f"PSNR below {NEAR_PSNR:.0f} dB), so another seed may fail: {'; '.join(near)}."]
     limits = [d for d in rows if d["limit"]]
     if limits:
         lines += ["", "### Limits, reported beside the acceptance", "", *head, *map(row, limits), ""]
