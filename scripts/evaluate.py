@@ -76,10 +76,16 @@ def face_normals(s: Surface) -> np.ndarray:
     return np.divide(n, length, out=np.zeros_like(n), where=length > 0)
 
 
+def face_areas(s: Surface) -> np.ndarray:
+    """[F] triangle areas."""
+    tri = s.verts[s.faces]
+    return 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+
+
 def sample_surface(s: Surface, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """n area-uniform points on the surface and the unit normal of the face each lies on."""
     tri = s.verts[s.faces]
-    area = 0.5 * np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=1)
+    area = face_areas(s)
     if not area.sum() > 0:
         raise EvaluateError(f"{s.name}: the mesh has zero surface area")
     face = rng.choice(len(area), size=n, p=area / area.sum())
@@ -122,7 +128,10 @@ def surface_metrics(out: Surface, ref: Surface, n_samples: int = 50_000, seed: i
             "reference_diagonal": diag}
 
 
-def far_output_by_height(out: Surface, ref: Surface, threshold: float = 0.02, n_samples: int = 20_000,
+FAR_THRESHOLD = 0.02   # out_far: output surface this far from the reference, x its diagonal, counts as extra
+
+
+def far_output_by_height(out: Surface, ref: Surface, threshold: float = FAR_THRESHOLD, n_samples: int = 20_000,
                          bins: int = 10, seed: int = 0) -> dict:
     """Where the output has surface the reference lacks: the fraction of output samples farther than
     `threshold` x ref's diagonal from ref, and their count per height (y, up) bin over ref's extent.
