@@ -25,6 +25,7 @@ import distributed
 from config import Config, resolve_path, write_json_atomic
 from dataset.cameras import (CameraBatch, CameraOptions, azimuth_sector, sample_train_cameras,
                              turntable_cameras, validation_cameras)
+from geometry.hashgrid import published_adamw
 
 CHECKPOINT_NAME = "last.pt"
 
@@ -175,10 +176,7 @@ class Trainer:
         self.cam_gen, self.noise_gen = generators
         self.virtual_world, self.micro_steps = accumulation_plan(cfg.emulate_gpus, info.world_size)
         self.params = phase.parameters()
-        # AdamW as published (betas 0.9/0.99, eps 1e-15). On CUDA the fused kernel: the grad scaler
-        # hands it the inf check as a device tensor instead of reading it on the host every step.
-        self.optimizer = torch.optim.AdamW(self.params, lr=phase.lr, betas=(0.9, 0.99), eps=1e-15,
-                                           fused=info.device.type == "cuda")
+        self.optimizer = published_adamw(self.params, phase.lr)
         # Mixed precision on CUDA (fp16 diffusion model) needs a grad scaler; fp32 on CPU needs none.
         self.scaler = torch.amp.GradScaler("cuda", enabled=info.device.type == "cuda")
         self.cam_opts = camera_options(cfg)

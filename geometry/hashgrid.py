@@ -88,6 +88,18 @@ class GridLayout:
         return GridLayout(tuple(res), sizes, offsets, dense, hash_size, sum(sizes))
 
 
+def published_adamw(params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """The published optimizer of the hash-grid networks (AdamW, betas 0.9/0.99, eps 1e-15).
+
+    PyTorch's fused kernel on CPU and CUDA, where it has one: the hash table holds ~13M values, and
+    the unfused update is a chain of table-sized ops (2 CPU cores: 77 ms a step, fused 4 ms). On
+    CUDA the grad scaler also hands the fused kernel its inf check as a device tensor.
+    """
+    devices = {p.device.type for p in params}
+    fused = len(devices) == 1 and devices <= {"cpu", "cuda"}
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-15, fused=fused or None)
+
+
 def normalize_to_aabb(x_nx3: torch.Tensor, aabb_2x3: torch.Tensor) -> torch.Tensor:
     """Map points to [0, 1]^3 inside the AABB; outside points are clamped (zero input gradient)."""
     return ((x_nx3 - aabb_2x3[0]) / (aabb_2x3[1] - aabb_2x3[0])).clamp(0.0, 1.0)
@@ -113,9 +125,11 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
                       ) -> torch.Tensor:
     """Reference encoding of normalized points [N, 3] in [0, 1] -> [N, L*F]; differentiable in both.
 
-    All levels' corner rows are gathered with one indexing op: its backward then builds one
-    table-sized gradient instead of one per (level, corner), which dominated the step time. The
-    per-corner accumulation order mirrors the Triton kernel so the two agree to rounding.
+    All levels' corner rows are gathered with one index_select: its backward builds one
+    table-sized gradient (one index_add) instead of one per (level, corner), which dominated the
+    step time, and on the CPU it takes half the time of advanced indexing's gather + index_put
+    (50 vs 97 ms for 10240 points, 2 cores). The per-corner accumulation order mirrors the Triton
+    kernel so the two agree to rounding.
     """
     corners = _corner_offsets(x01_nx3.device)                                    # [8, 3]
     rows, weights = [], []
@@ -128,7 +142,8 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
         rows.append(grid_index(ijk, res, layout.dense[lvl], layout.hash_size) + layout.offsets[lvl])
         w3 = torch.where(corners.bool(), frac[:, None, :], 1.0 - frac[:, None, :])  # [N, 8, 3]
         weights.append(w3[..., 0] * w3[..., 1] * w3[..., 2])                     # [N, 8]
-    feats = table_rxf[torch.stack(rows, dim=1)]                                  # [N, L, 8, F]
+    rows_nxlx8 = torch.stack(rows, dim=1)
+    feats = table_rxf.index_select(0, rows_nxlx8.reshape(-1)).reshape(*rows_nxlx8.shape, table_rxf.shape[1])  # [N, L, 8, F]
     w = torch.stack(weights, dim=1)                                              # [N, L, 8]
     acc = w[:, :, 0, None] * feats[:, :, 0]
     for c in range(1, 8):

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from geometry.hashgrid import published_adamw
+
 log = logging.getLogger(__name__)
 
 SHAPES = ("ellipsoid", "cylinder", "custom_mesh")
@@ -308,7 +310,7 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 2000, batch_size: int 
     # not the optimizer (session15/pretraining_fit_gpu.txt, H100, seeds 42/7/13): after 400 steps
     # AdamW ended at 7.8e-5 to 1.2e-4 and Adam's defaults at 5.9e-5 to 4.1e-4; after 2000, AdamW at
     # 1.9e-6 to 3.9e-6 and Adam at 0.9e-6 to 1.3e-6, both far under LOOSE_FIT_MSE.
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-15)
+    optimizer = published_adamw(params, lr)
     loss = torch.zeros(())
     last: deque[torch.Tensor] = deque(maxlen=10)                     # the last 10 batch losses (device)
     for it in range(iters):
