@@ -143,7 +143,8 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
         w3 = torch.where(corners.bool(), frac[:, None, :], 1.0 - frac[:, None, :])  # [N, 8, 3]
         weights.append(w3[..., 0] * w3[..., 1] * w3[..., 2])                     # [N, 8]
     rows_nxlx8 = torch.stack(rows, dim=1)
-    feats = table_rxf.index_select(0, rows_nxlx8.reshape(-1)).reshape(*rows_nxlx8.shape, table_rxf.shape[1])  # [N, L, 8, F]
+    feats = table_rxf.index_select(0, rows_nxlx8.reshape(-1))                  # [N * L * 8, F]
+    feats = feats.reshape(*rows_nxlx8.shape, table_rxf.shape[1])                # [N, L, 8, F]
     w = torch.stack(weights, dim=1)                                              # [N, L, 8]
     acc = w[:, :, 0, None] * feats[:, :, 0]
     for c in range(1, 8):

@@ -16,15 +16,14 @@ import geometry.hashgrid as hg  # noqa: E402
 import geometry.sdf_init as si  # noqa: E402
 from geometry.dmtet import DMTetGeometry  # noqa: E402
 
-GATHER_NOW = ("feats = table_rxf.index_select(0, rows_nxlx8.reshape(-1))"
-              ".reshape(*rows_nxlx8.shape, table_rxf.shape[1])")
+GATHER_NOW = "feats = table_rxf.index_select(0, rows_nxlx8.reshape(-1))"
 
 if sys.argv[1] == "before":
     si.published_adamw = lambda params, lr: torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-15)
     source = Path(hg.__file__).read_text()
     assert GATHER_NOW in source, "the gather line changed: update this script"
     namespace: dict = {}
-    exec(compile(source.replace(GATHER_NOW, "feats = table_rxf[rows_nxlx8]"), "hashgrid_before", "exec"), namespace)
+    exec(compile(source.replace(GATHER_NOW, "feats = table_rxf[rows_nxlx8].flatten(0, 2)"), "hashgrid_before", "exec"), namespace)
     hg.hash_encode_torch = namespace["hash_encode_torch"]   # HashGridEncoder.forward looks it up here
 
 geo = DMTetGeometry(32, 2.3, backend="torch")
