@@ -93,10 +93,15 @@ def published_adamw(params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
 
     PyTorch's fused kernel on CPU and CUDA, where it has one: the hash table holds ~13M values, and
     the unfused update is a chain of table-sized ops (2 CPU cores: 77 ms a step, fused 4 ms). On
-    CUDA the grad scaler also hands the fused kernel its inf check as a device tensor.
+    CUDA the grad scaler also hands the fused kernel its inf check as a device tensor. Raises
+    ValueError when the parameters live on several devices.
     """
-    devices = {p.device.type for p in params}
-    fused = len(devices) == 1 and devices <= {"cpu", "cuda"}
+    devices = {p.device for p in params}
+    if len(devices) != 1:
+        # A stray parameter on another device would silently cost the fused kernel (and the grad
+        # scaler's host-free inf check): say so instead.
+        raise ValueError(f"published_adamw: params must all live on one device; got {sorted(map(str, devices))}")
+    fused = next(iter(devices)).type in ("cpu", "cuda")
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), eps=1e-15, fused=fused or None)
 
 

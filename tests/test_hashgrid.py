@@ -159,6 +159,14 @@ def test_published_adamw_is_fused_on_cpu_and_steps_as_the_unfused_one() -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_published_adamw_rejects_params_on_several_devices() -> None:
+    """A parameter left on another device would silently drop the fused kernel: an error names both."""
+    here = torch.nn.Parameter(torch.zeros(3))
+    elsewhere = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    with pytest.raises(ValueError, match=r"one device; got \['cpu', 'meta'\]"):
+        published_adamw([here, elsewhere], lr=1e-2)
+
+
 def test_sdf_network_active_levels_hide_the_fine_levels() -> None:
     """set_active_levels(k): the output ignores levels k and finer (whatever their table holds),
     they get no gradient, the k coarse levels do; set_active_levels(n_levels) restores them."""
