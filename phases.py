@@ -239,10 +239,12 @@ class GeometryPhase:
                                            rotate_x_deg=c.sdf_init_shape_rotate_x, translation_y=c.translation_y,
                                            translation_z=c.translation_z, base_mesh=base))
         # Same seed on every rank: identical pretraining, and rank 0's weights are broadcast anyway.
-        loss = pretrain_sdf(self.geo, shape, iters=c.sdf_init_iter, seed=c.seed)
+        start = time.perf_counter()
+        loss = pretrain_sdf(self.geo, shape, iters=c.sdf_init_iter, seed=c.seed)   # a float: synchronized
         self.pretrain_mse = loss
         if self.info.is_main:
-            print(f"SDF pretraining: {c.sdf_init_iter} steps, final mse {loss:.3e} (last 10 steps)", flush=True)
+            print(f"SDF pretraining: {c.sdf_init_iter} steps in {time.perf_counter() - start:.1f} s, final mse "
+                  f"{loss:.3e} (last 10 steps)", flush=True)
             check_pretraining_fit(loss, c.sdf_init_iter)
 
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
