@@ -99,7 +99,12 @@ def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_
             "eval": {"reference": "/tmp/quality_refs/torus.obj", "chamfer": 0.009, "iou": 0.7, "image_kind": "normal"}}
     (tmp_path / "eval_torus_old.json").write_text(json.dumps(data))
     run("cup", "cup", 0.02, 0.8)
-    rows = {(r["reference"], r["setting"]["config"]): r for r in acceptance.acceptance(acceptance.collect(tmp_path))}
+    run("bowl_g256", "bowl", 0.02, 0.85, " dmtet_grid=256")           # reported, not held to the bars
+    all_rows = acceptance.acceptance(acceptance.collect(tmp_path))
+    rows = {(r["reference"], r["setting"]["config"]): r for r in all_rows if r["setting"]["grid"] == 128}
+    grid256 = {r["reference"]: r for r in all_rows if r["setting"]["grid"] == 256}
+    assert sorted(grid256) == ["bowl", "thin_parts", "torus"] and all(r["reported"] for r in grid256.values())
+    assert (grid256["bowl"]["runs"], grid256["bowl"]["holds"], grid256["torus"]["runs"]) == (1, False, 0)
     torus, bowl = rows[("torus", "car_geometry")], rows[("bowl", "car_geometry")]
     assert torus["holds"] and torus["seeds"] == [7, 42] and torus["runs"] == 2   # not the older defaults' run
     assert torus["near_bar"] == ["Chamfer 0.950%"]              # named, though the criterion holds
@@ -107,9 +112,12 @@ def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_
     assert not rows[("thin_parts", "car_geometry")]["holds"] and rows[("thin_parts", "car_geometry")]["runs"] == 0
     cup = rows[("cup", "car_geometry")]
     assert cup["limit"] and not cup["holds"]                     # reported, apart from the criteria
-    lines = acceptance.acceptance_markdown(list(rows.values()))
+    lines = acceptance.acceptance_markdown(all_rows)
     verdict = next(line for line in lines if line.startswith("**"))
     assert "concave cavity" in verdict and "thin parts" in verdict and "genus" not in verdict
+    assert verdict.count("concave cavity") == 1                 # the grid-256 bowl's failure is only reported
+    section = lines[lines.index("### Grid 256 at the shipped recipe (reported; the bars are set at grid 128)"):]
+    assert "| concave cavity | bowl | car_geometry | 8 | 0 / 1 | 0.850 | 2.000% |" in "\n".join(section)
     assert "creased" not in verdict                             # a limit does not decide the verdict
     near = next(line for line in lines if line.startswith("Passing near a bar"))
     assert "genus >= 1 (Chamfer 0.950%)" in near and "yes, near a bar |" in "\n".join(lines)
