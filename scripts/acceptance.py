@@ -249,11 +249,15 @@ class Criterion:
     what: str                 # what the issue asks for
     setting: Setting
     limit: str = ""           # non-empty: reported beside the acceptance, not part of it, because of this
-    reported: bool = False    # asked to be reported (grid 256), not held to the bars, which are set at 128
+
+    @property
+    def reported(self) -> bool:
+        """Asked to be reported (grid 256), not held to the bars, which are set at grid 128."""
+        return self.setting.grid not in (128, None)
 
 
 def _geometry(what: str, reference: str, config: str = "car_geometry", limit: str = "", grid: int = 128) -> Criterion:
-    return Criterion(what, Setting(reference, config, grid, "-10..45", 8, SHIPPED_GEOMETRY), limit, grid != 128)
+    return Criterion(what, Setting(reference, config, grid, "-10..45", 8, SHIPPED_GEOMETRY), limit)
 
 
 def _appearance(strategy: int, config: str, views: int) -> Criterion:
