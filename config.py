@@ -223,10 +223,11 @@ class Config:
     dmtet_grid_coarse: int | None = _k(None, lambda v: None if v is None else integer(8, 512)(v),
                                        "tet grid of the coarse stage (e.g. 64 under dmtet_grid=128: carve "
                                        "cavities first, refine after); null: dmtet_grid throughout, as published")
-    sdf_levels_coarse: int | None = _k(None, lambda v: None if v is None else integer(1, 16)(v),
+    sdf_levels_coarse: int | None = _k(5, lambda v: None if v is None else integer(1, 16)(v),
                                        "hash-grid levels (of 16, coarsest first) the SDF network uses in the "
-                                       "coarse stage: a smooth SDF carves cavities instead of faceting a lid; "
-                                       "null: all 16 throughout, as published")
+                                       "coarse stage: a smooth SDF carves cavities instead of faceting a lid "
+                                       "(5: up to ~70 cells per axis; finer detail, a user's mesh's too, waits "
+                                       "for the fine stage); null: all 16 throughout, as published")
     sdf_levels_ramp: int = _k(0, integer(0), "iterations after coarse_iter over which the other hash-grid levels "
                               "are added one by one (0: all at once); used with sdf_levels_coarse")
     mesh_scale: float = _k(2.1, number(0.0, lo_open=True), "tet grid box size")

@@ -175,11 +175,25 @@ def coarse_levels_vanishing_hint(levels: int, pretrain_mse: float | None) -> str
             "coarse hash-grid levels")
     if pretrain_mse is not None and pretrain_mse <= LOOSE_FIT_MSE:
         return (f"{head}; its pretraining fitted the initial shape well (mse {pretrain_mse:.1e}), so the guidance "
-                "(or a regularizer) removed it: unset sdf_levels_coarse, or lower guidance_weight.")
+                "(or a regularizer) removed it: set sdf_levels_coarse=null (all levels from the start), "
+                "or lower guidance_weight.")
     fit = "" if pretrain_mse is None else f" (this run's: mse {pretrain_mse:.1e}, above {LOOSE_FIT_MSE:.1e})"
     return (f"{head}: from a loosely pretrained start{fit} it can vanish in the first iterations "
             "(docs/benchmarks/quality/session9: the stool at seed 42 vanished after 400 pretraining steps and "
-            "trained after 2000). Raise sdf_init_iter (the default is 2000), or unset sdf_levels_coarse.")
+            "trained after 2000). Raise sdf_init_iter (the default is 2000), or set sdf_levels_coarse=null.")
+
+
+def empty_start_hint(pretrain_mse: float, iters: int) -> str:
+    """Advice for a surface already empty at iteration 1, before any SDS step: the SDF pretraining
+    (`iters` steps, final mse `pretrain_mse`) left no grid vertex inside the initial shape."""
+    from geometry.sdf_init import LOOSE_FIT_MSE
+    head = f"The SDF pretraining ({iters} steps, final mse {pretrain_mse:.1e}) left no grid vertex inside the shape"
+    thin = "enlarge sdf_init_shape_scale or raise dmtet_grid."
+    if pretrain_mse > LOOSE_FIT_MSE:
+        # Seen in a CPU test: 80 steps (mse 2e-2) left a barely negative SDF that the grid missed.
+        return (f"{head}: it fitted loosely (above {LOOSE_FIT_MSE:.1e}); raise sdf_init_iter (the default is "
+                f"2000), or, if the shape is thinner than two tet grid cells (warned above), {thin}")
+    return f"{head}, though it fitted well: the initial shape is thinner than the tet grid resolves; {thin}"
 
 
 class GeometryPhase:
@@ -292,14 +306,17 @@ class GeometryPhase:
 
     @contextlib.contextmanager
     def _surface_errors(self, it: int) -> Iterator[None]:
-        """An empty surface's error, told when it happened and, with coarse hash-grid levels, the
-        likely cause: a smooth coarse SDF from a loosely pretrained start can vanish early."""
+        """An empty surface's error, told when it happened and the likely cause: at iteration 1 the
+        SDF pretraining's fit; later in the coarse stage with coarse hash-grid levels, a smooth coarse
+        SDF from a loosely pretrained start can vanish early."""
         from geometry.dmtet import EmptyMeshError
         try:
             yield
         except EmptyMeshError as e:
             hint = ""
-            if self.cfg.sdf_levels_coarse is not None and it > 1 and self.stage(it) == "geometry_coarse":
+            if it == 1 and self.pretrain_mse is not None:
+                hint = " " + empty_start_hint(self.pretrain_mse, self.cfg.sdf_init_iter)
+            elif self.cfg.sdf_levels_coarse is not None and it > 1 and self.stage(it) == "geometry_coarse":
                 hint = " " + coarse_levels_vanishing_hint(self.cfg.sdf_levels_coarse, self.pretrain_mse)
             raise EmptyMeshError(f"iteration {it} ({self.stage(it)}): {e}{hint}") from e
 

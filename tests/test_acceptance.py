@@ -81,7 +81,8 @@ def test_markdown_and_json_outputs(tmp_path):
 
 def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_path):
     shipped = "torchrun --standalone --nproc_per_node=1 train.py --config configs/car_geometry.json dmtet_grid=128 " \
-              "target_mesh=/tmp/quality_refs/{ref}.obj emulate_gpus=8 guidance=target_mesh sdf_init_iter=2000 sealed_air=1{extra}"
+              "target_mesh=/tmp/quality_refs/{ref}.obj emulate_gpus=8 guidance=target_mesh " \
+              "sdf_init_iter=2000 sealed_air=1 sdf_levels_coarse=5{extra}"   # unsorted, as a queue line may be
 
     def run(tag: str, ref: str, chamfer: float, iou: float, extra: str = "") -> None:
         data = {"job": tag, "command": shipped.format(ref=ref, extra=extra), "wall_s": 500,
@@ -93,8 +94,8 @@ def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_
     run("bowl", "bowl", 0.005, 0.95)
     run("bowl_s7", "bowl", 0.012, 0.95, " seed=7")                     # Chamfer 1.2%: the criterion fails
     run("bowl_e80", "bowl", 0.012, 0.95, " elevation_range=[-10,80]")  # not the published cameras: not counted
-    run("stool_l5", "thin_parts", 0.001, 0.99, " sdf_levels_coarse=5")  # another recipe: not counted
-    old = shipped.replace(" sealed_air=1", "")
+    run("stool_lap", "thin_parts", 0.001, 0.99, " laplacian_smoothness=100")  # another recipe: not counted
+    old = shipped.replace(" sdf_levels_coarse=5", "")
     data = {"job": "torus_old", "command": old.format(ref="torus", extra=""), "wall_s": 500,   # older defaults
             "eval": {"reference": "/tmp/quality_refs/torus.obj", "chamfer": 0.009, "iou": 0.7, "image_kind": "normal"}}
     (tmp_path / "eval_torus_old.json").write_text(json.dumps(data))
@@ -121,6 +122,15 @@ def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_
     assert "creased" not in verdict                             # a limit does not decide the verdict
     near = next(line for line in lines if line.startswith("Passing near a bar"))
     assert "genus >= 1 (Chamfer 0.950%)" in near and "yes, near a bar |" in "\n".join(lines)
+
+
+def test_shipped_recipe_is_the_config_defaults():
+    """The ledger's shipped recipe must follow the defaults: a default changed without updating
+    SHIPPED_GEOMETRY would count runs of the old recipe as the shipped ones."""
+    from config import Config
+    pairs = dict(kv.split("=") for kv in acceptance.SHIPPED_GEOMETRY.split())
+    assert {k: json.loads(v) for k, v in pairs.items()} == {k: getattr(Config(), k) for k in pairs}
+    assert acceptance.SHIPPED_GEOMETRY.split() == sorted(acceptance.SHIPPED_GEOMETRY.split())   # as recipes list keys
 
 
 def test_bad_folders_are_errors(tmp_path, capsys):
