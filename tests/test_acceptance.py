@@ -120,6 +120,10 @@ def test_acceptance_counts_only_the_shipped_defaults_and_keeps_limits_apart(tmp_
     section = lines[lines.index("### Grid 256 at the shipped recipe (reported; the bars are set at grid 128)"):]
     assert "| concave cavity | bowl | car_geometry | 8 | 0 / 1 | 0.850 | 2.000% |" in "\n".join(section)
     assert "creased" not in verdict                             # a limit does not decide the verdict
+    # A criterion without runs at the shipped recipe points to its runs at others (after a default changed).
+    assert ("- thin parts (thin_parts): no run at the shipped recipe yet; at other recipes: `laplacian_smoothness=100 "
+            "sdf_init_iter=2000 sdf_levels_coarse=5 sealed_air=1` 1 / 1 passed, IoU min 0.990") in "\n".join(lines)
+    assert rows[("torus", "car_geometry")]["other_recipes"] == []        # it has runs: nothing else is listed
     near = next(line for line in lines if line.startswith("Passing near a bar"))
     assert "genus >= 1 (Chamfer 0.950%)" in near and "yes, near a bar |" in "\n".join(lines)
 
