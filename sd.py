@@ -2,7 +2,7 @@
 
 Depends only on torch / diffusers / transformers (and huggingface_hub, which both use).
 
-SDS (DESIGN.md section 4): for latents z, draw t ~ U{int(1000*lo) .. int(1000*hi)} and noise eps,
+SDS (docs/DESIGN.md, "Conventions and formulas"): for latents z, draw t ~ U{int(1000*lo) .. int(1000*hi)} and noise eps,
 form z_t = sqrt(a_t) z + sqrt(1 - a_t) eps, predict eps_hat with classifier-free guidance
 eps_hat = eps_uncond + s * (eps_text - eps_uncond), and inject grad = w(t) * (eps_hat - eps) as the
 gradient of z (the UNet is never differentiated).
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 MODES = ("geometry_modeling", "appearance_modeling")
 STAGES = ("geometry_coarse", "geometry_fine", "appearance")
-VIEW_NAMES = ("front", "side", "back", "side")  # view index 0..3, DESIGN.md section 4
+VIEW_NAMES = ("front", "side", "back", "side")  # view index 0..3, docs/DESIGN.md, "Conventions and formulas"
 DEFAULT_NEGATIVE_TEXT = {
     "geometry_modeling": "low quality",
     "appearance_modeling": "shadow, oversaturated, low quality, unrealistic",
@@ -106,7 +106,7 @@ class GuidanceOptions:
 
     @property
     def negative_prompt(self) -> str:
-        """``negative_text`` when given, else the per-mode default of DESIGN.md section 3."""
+        """``negative_text`` when given, else the per-mode default of docs/DESIGN.md, "Config"."""
         return self.negative_text or DEFAULT_NEGATIVE_TEXT[self.mode]
 
     @property
@@ -168,7 +168,7 @@ def sample_timesteps(batch: int, t_range: Sequence[float], generator: torch.Gene
 
 def sds_weight(alphas_cumprod: Tensor, t: Tensor, stage: str, strategy: int, it: int,
                coarse_iter: int) -> Tensor:
-    """w(t) [B] float32 for a stage (DESIGN.md section 4), with a = alphas_cumprod[t].
+    """w(t) [B] float32 for a stage (docs/DESIGN.md, "Conventions and formulas"), with a = alphas_cumprod[t].
 
     geometry_coarse: 1 - a;  geometry_fine: sqrt(a) (1 - a);
     appearance: strategy 0: sqrt(a) (1 - a); 1: 1 / (1 - a);
@@ -466,7 +466,7 @@ class StableDiffusionGuidance(nn.Module):
         self.unet.set_attn_processor(AttnProcessor2_0())
         self.vae.set_attn_processor(AttnProcessor2_0())
         # Memory format stays NCHW: channels_last measured slower here (H200, torch 2.11): the VAE
-        # encoder's forward+backward +29 ms at batch 4, the UNet no faster (docs/benchmarks/perf).
+        # encoder's forward+backward +29 ms at batch 4, the UNet no faster.
         self.unet_runner = self._make_unet_runner(opts.unet_cuda_graph)
 
         scheduler = _load_component(DDPMScheduler, source, is_local, "scheduler")
@@ -620,7 +620,7 @@ class CudaGraphUNet:
     """A frozen UNet's forward replayed from CUDA graphs, one per input shape/dtype.
 
     At SD batch sizes the eager UNet is bound by host-side kernel launches (~1000 per call: on an
-    H200 the GPU sat idle ~40% of a coarse step, docs/benchmarks/perf); a graph replay issues them
+    H200 the GPU sat idle ~40% of a coarse step); a graph replay issues them
     in one call. Inputs are copied into the graph's static buffers. The returned tensor is the
     graph's static output: valid until the next call, so callers consume it at once (predict_eps
     converts it to fp32 right away). Call under ``torch.no_grad()``.

@@ -1,6 +1,6 @@
 """Camera sampling for training, validation and turntables (pure camera math; no render/ imports).
 
-Conventions (DESIGN.md 4): world y up, the object's front faces +z.
+Conventions (docs/DESIGN.md, "Conventions and formulas"): world y up, the object's front faces +z.
 - model-view = translate(jx, jy, -radius) @ rotate_x(-elevation) @ rotate_y(azimuth), with
   rotate_x / rotate_y as in nvdiffrec (`rotate_x(a)` turns by -a about +x in the right-hand sense,
   `rotate_y(a)` by +a about +y). The camera then sits at

@@ -615,7 +615,8 @@ def sealed_air_loss(sdf_r: torch.Tensor, margin: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 class DMTetGeometry(nn.Module):
-    """SDF + deformation on a tet grid, both predicted by a hash-grid MLP (DESIGN.md 4).
+    """SDF + deformation on a tet grid, both predicted by a hash-grid MLP
+    (docs/DESIGN.md, "Conventions and formulas").
 
     vertices = grid * mesh_scale + (1 / grid_res) * tanh(deform); the network is evaluated at the
     undeformed grid vertices, normalized to the grid's AABB [-0.5, 0.5]^3 * mesh_scale.

@@ -1,8 +1,9 @@
 """Multi-resolution hash-grid encoding (instant-ngp), used by the SDF and material networks.
 
-DESIGN.md 4: 16 levels x 2 features, table 2^19 entries per level, base resolution 16, finest
-4096, per-level scale b = exp(ln(4096/16)/15). Level l has resolution N_l = floor(16 * b^l) cells
-per axis (N_l + 1 lattice points); inputs are normalized to the AABB and clamped to [0, 1].
+Layout (docs/DESIGN.md, "Conventions and formulas"): 16 levels x 2 features, table 2^19 entries per
+level, base resolution 16, finest 4096, per-level scale b = exp(ln(4096/16)/15). Level l has
+resolution N_l = floor(16 * b^l) cells per axis (N_l + 1 lattice points); inputs are normalized to
+the AABB and clamped to [0, 1].
 Levels whose dense lattice (N_l + 1)^3 fits in the table index it directly; finer levels use the
 instant-ngp spatial hash (x*1 xor y*2654435761 xor z*805459861) mod 2^log2_hashmap_size.
 Features are trilinearly interpolated and concatenated level by level: [N, 3] -> [N, L*F].

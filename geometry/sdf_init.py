@@ -1,4 +1,5 @@
-"""SDF initialization: init shapes, training samples and the SDF pretraining loop (DESIGN.md 4).
+"""SDF initialization: init shapes, training samples and the SDF pretraining loop
+(docs/DESIGN.md, "Conventions and formulas").
 
 Shapes (sdf < 0 inside), before the transform:
 - "ellipsoid":   the unit sphere (scaled per axis by the transform into an ellipsoid);
@@ -250,13 +251,10 @@ def make_training_samples(shape: InitShape, mesh_scale: float, n_surface: int = 
 # ----------------------------------------------------------------------------------------------
 
 # A pretraining that ends above this mse (rms 1.2 cm in the published 2.3-unit box, about a third
-# of a grid-128 cell) has fitted the initial shape loosely. Measured at full scale (docs/benchmarks/
-# quality/session9): thin_parts at seed 42 with 5 / 7 coarse hash-grid levels ended at 3.6e-4 /
-# 1.8e-4 after 400 steps and vanished within 21 SDS steps; after 2000 steps (1.3e-6 / 3.4e-6) both
-# trained (IoU 0.982 / 0.919). With a fresh batch every step (session 14) the published 400 steps
-# still end loose: 4.1e-4 at seed 42 on the GPU, and the stool vanished at iteration 27. The mse
-# falls 20-450x between steps 400 and 2000 (session15/pretraining_fit_gpu.txt), hence the default
-# of 2000; with it the stool trained (IoU 0.982, session15).
+# of a grid-128 cell) has fitted the initial shape loosely. From such a start a smooth coarse SDF
+# can vanish in the first SDS steps before the target's thin parts form; the published 400 steps
+# end near or above it, while 2000 steps end 20-450x lower, hence sdf_init_iter's default
+# (docs/RESULTS.md, "SDF pretraining").
 LOOSE_FIT_MSE = 1.5e-4
 
 
@@ -280,7 +278,7 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 2000, batch_size: int 
     used) is memorized by the hash grid's fine levels: at grid 128 with all 16 levels, 400 steps
     on 100k points fitted them to mse 5e-6 while fresh points saw 1e-2, and 14k grid vertices
     farther than a cell from the ellipsoid had the wrong sign (hollow, fragmented starts; 0 with
-    fresh batches, docs/benchmarks/quality/session14). Since every batch is new, the returned mse
+    fresh batches). Since every batch is new, the returned mse
     measures the fit between samples too.
 
     The deformation channel is left alone (it starts near zero). The optimizer is local: the
@@ -307,9 +305,8 @@ def pretrain_sdf(geometry, shape: InitShape, iters: int = 2000, batch_size: int 
 
     params = [p for p in geometry.sdf_net.parameters() if p.requires_grad]
     # The published optimizer (the SDS phase's too). What makes the fit tight is the step count,
-    # not the optimizer (session15/pretraining_fit_gpu.txt, H100, seeds 42/7/13): after 400 steps
-    # AdamW ended at 7.8e-5 to 1.2e-4 and Adam's defaults at 5.9e-5 to 4.1e-4; after 2000, AdamW at
-    # 1.9e-6 to 3.9e-6 and Adam at 0.9e-6 to 1.3e-6, both far under LOOSE_FIT_MSE.
+    # not the optimizer: Adam's defaults end within a few times AdamW's mse after 400 and after
+    # 2000 steps, and both fall far under LOOSE_FIT_MSE by 2000.
     optimizer = published_adamw(params, lr)
     loss = torch.zeros(())
     last: deque[torch.Tensor] = deque(maxlen=10)                     # the last 10 batch losses (device)

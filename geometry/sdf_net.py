@@ -1,4 +1,5 @@
-"""SDF network: hash-grid encoding + small MLP -> (sdf, deformation) per point (DESIGN.md 4)."""
+"""SDF network: hash-grid encoding + small MLP -> (sdf, deformation) per point
+(docs/DESIGN.md, "Conventions and formulas")."""
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,10 @@
 """Split-sum image-based lighting from an HDR environment map.
 
-Pipeline (DESIGN.md 4): lat-long HDR -> cube map (512^2 faces by default) -> box mip chain
-down to 16^2 -> specular levels prefiltered with GGX (N = V = R assumption) for roughness
-0.08 .. 0.5 linearly over the levels from the base down to 32^2, and the last (16^2) level
-for roughness 1.0 -> diffuse irradiance (cosine convolution, divided by pi so that a
-constant environment L gives L) computed from the coarsest box level.
+Pipeline (docs/DESIGN.md, "Conventions and formulas"): lat-long HDR -> cube map (512^2 faces by
+default) -> box mip chain down to 16^2 -> specular levels prefiltered with GGX (N = V = R
+assumption) for roughness 0.08 .. 0.5 linearly over the levels from the base down to 32^2, and the
+last (16^2) level for roughness 1.0 -> diffuse irradiance (cosine convolution, divided by pi so that
+a constant environment L gives L) computed from the coarsest box level.
 
 Shading uses the pre-integrated FG table of render/fg_lut.py (GGX, height-correlated Smith,
 Schlick Fresnel) and the same GGX NDF with alpha = roughness^2 in the prefilter.

@@ -1,6 +1,6 @@
 """Per-iteration speed of a config's stage against the diffusion floor (full-size SD 2.1-base shapes).
 
-    python scripts/bench.py --config configs/car_geometry.json --stage coarse --out docs/benchmarks/x.json
+    python scripts/bench.py --config configs/car_geometry.json --stage coarse --out /tmp/coarse.json
     python scripts/bench.py --config configs/car_appearance_strategy0.json --stage appearance dmtet_grid=256
 
 Builds the SD 2.1-base architecture with random weights (no download; cached under --sd-model),
@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = timed(floor_fn(phase, args.stage, cfg.batch, device), device, args.iters, args.warmup)
     eager_floor = None
     sd = phase.guide.sd
-    if sd.unet_runner != sd.eager_unet:   # also the floor of the plain diffusers call (DESIGN.md 8)
+    # Also the floor of the plain diffusers call (docs/DESIGN.md, "Performance floor").
+    if sd.unet_runner != sd.eager_unet:
         sd.unet_runner, graphed = sd.eager_unet, sd.unet_runner
         eager_floor = statistics.median(timed(floor_fn(phase, args.stage, cfg.batch, device), device,
                                               args.iters, args.warmup))

@@ -1,4 +1,4 @@
-"""Compare an output mesh with a reference: geometry and image metrics, JSON out (issue 9).
+"""Compare an output mesh with a reference: geometry and image metrics, JSON out.
 
 Usage:
     python scripts/evaluate.py OUTPUT_MESH REFERENCE_MESH [--out metrics.json] [--images auto]

@@ -1,4 +1,4 @@
-"""Procedural reference meshes for quality measurements with target-mesh guidance (issue 9).
+"""Procedural reference meshes for quality measurements with target-mesh guidance.
 
 Usage: ``python scripts/make_reference_meshes.py OUT_DIR [--resolution 128]`` writes
 
@@ -18,11 +18,12 @@ The same shapes are importable (``mug_mesh()``, ``cup_mesh()``, ``bowl_mesh()``,
 ``torus_mesh()``, ``textured_mesh()``, ``write_references(out_dir)``) and return ``trimesh.Trimesh``
 objects.
 
-Conventions follow DESIGN.md 4: y up, front faces +z, everything inside the unit sphere so the
-shapes sit in the default grid box ``[-0.5, 0.5]^3 * mesh_scale`` and match what ``custom_mesh``
-initialization produces. Solid shapes are extracted from analytic signed distance functions with
-libigl's marching cubes, so they are closed and consistently oriented (outward normals); the
-proportions are chunky enough that a grid-32 DMTet (vertex spacing ~0.1) can represent the mug.
+Conventions follow docs/DESIGN.md, "Conventions and formulas": y up, front faces +z, everything
+inside the unit sphere so the shapes sit in the default grid box ``[-0.5, 0.5]^3 * mesh_scale`` and
+match what ``custom_mesh`` initialization produces. Solid shapes are extracted from analytic signed
+distance functions with libigl's marching cubes, so they are closed and consistently oriented
+(outward normals); the proportions are chunky enough that a grid-32 DMTet (vertex spacing ~0.1) can
+represent the mug.
 """
 from __future__ import annotations
 
@@ -155,7 +156,7 @@ def bowl_sdf(radius: float = 0.6, height: float = 0.5, dish_radius: float = 0.5,
 # The bowl: a concave cavity with no crease between a wall and a floor. Its surface turns smoothly,
 # so the cavity's depth shows in the normals of every pixel that sees it; the cup's flat floor
 # meets its wall at a crease, and a floor raised or lowered changes only which pixels are floor or
-# wall, which rasterized normals carry no gradient for (quality/session6/README.md). From the car
+# wall, which rasterized normals carry no gradient for. From the car
 # cameras the dish's lowest point needs elevation >= atan(0.25 / 0.5) ~ 27 degrees; points off
 # the axis are seen from lower elevations at the azimuths that put them on the far side.
 BOWL = dict(radius=0.6, height=0.5, dish_radius=0.5, dish_depth=0.25)

@@ -1,7 +1,7 @@
 """Weak scaling: the same config at the same per-GPU batch on 1 and on N processes (torchrun).
 
     python scripts/weak_scaling.py --config configs/car_geometry.json --gpus 1 2 \
-        --out docs/benchmarks/weak_scaling_2gpu.json iter=60 coarse_iter=30 sd_model=/tmp/sd21
+        --out /tmp/weak_scaling_2gpu.json iter=60 coarse_iter=30 sd_model=/tmp/sd21
 
 Runs `torchrun --nproc_per_node=N train.py --config X key=value...` for each N, reads the run's
 log.jsonl and reports the median iteration time per stage (after --skip warm-up iterations), the

@@ -9,6 +9,10 @@ import torch
 
 import train
 
+# The 72 published Fantasia3D configs (keys and values unchanged), by file stem.
+PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = json.loads(
+    (Path(__file__).parent / "data" / "published_configs.json").read_text())["configs"]
+
 
 def write_config(folder: Path, values: dict[str, Any], name: str = "config.json") -> Path:
     folder.mkdir(parents=True, exist_ok=True)

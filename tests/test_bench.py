@@ -63,8 +63,8 @@ def test_device_idle_charges_each_gap_to_the_host_code_that_launched_the_next_ke
 
 
 def test_host_window_medians_from_marks() -> None:
-    """scripts/host_window.py: the three host intervals of each step, from the timer marks."""
-    from scripts.host_window import windows
+    """scripts/dev/host_window.py: the three host intervals of each step, from the timer marks."""
+    from scripts.dev.host_window import windows
     marks = []
     for k in range(3):                          # steps 100 ms apart; the second step's window is longer
         t = 0.1 * k

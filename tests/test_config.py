@@ -1,6 +1,5 @@
 """Config schema and CLI: published configs accepted, bad input rejected with exit code 2."""
 import json
-import os
 import re
 import subprocess
 import sys
@@ -10,10 +9,9 @@ import pytest
 
 import config as C
 
+from tests.run_helpers import PUBLISHED_CONFIGS
+
 ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = sorted((ROOT.parent / "shared" / "published_configs").glob("*.json"))
-if not PUBLISHED:  # CI clones main with shared/ beside it; fall back to an env override
-    PUBLISHED = sorted(Path(os.environ.get("F3D_PUBLISHED_CONFIGS", "/nonexistent")).glob("*.json"))
 
 
 def run_cli(*args, cwd=ROOT):
@@ -31,17 +29,17 @@ BASE = {"text": "a red car", "iter": 10, "coarse_iter": 5}
 
 
 def test_published_configs_present():
-    assert len(PUBLISHED) == 72, "expected the 72 published configs in ../shared/published_configs"
+    assert len(PUBLISHED_CONFIGS) == 72, "expected the 72 published configs in tests/data/published_configs.json"
 
 
-@pytest.mark.parametrize("path", PUBLISHED, ids=[p.stem for p in PUBLISHED])
-def test_published_config_accepted(path):
+@pytest.mark.parametrize("name", sorted(PUBLISHED_CONFIGS))
+def test_published_config_accepted(name):
     """Every key accepted with its value; only files the config names may be missing."""
-    data = json.loads(path.read_text())
+    data = PUBLISHED_CONFIGS[name]
     try:
-        cfg = C.build_config(data, file_name=path.name)
+        cfg = C.build_config(data, file_name=f"{name}.json")
     except C.ConfigError as e:  # pragma: no cover - the assertion message is the point
-        pytest.fail(f"{path.name}: {e}")
+        pytest.fail(f"{name}.json: {e}")
     for key, value in data.items():
         got = getattr(cfg, key)
         assert got == value or (isinstance(value, list) and got == [float(v) if isinstance(g, float) else v
@@ -136,6 +134,7 @@ def test_relative_out_dir_under_out(tmp_path, monkeypatch):
 
 
 def test_requirements_match_environment():
+    """pip and conda users get the same packages."""
     def names(lines):
         out = set()
         for line in lines:
@@ -146,4 +145,3 @@ def test_requirements_match_environment():
     req = names((ROOT / "requirements.txt").read_text().splitlines())
     env_lines = (ROOT / "environment.yml").read_text().split("- pip:", 1)[1].splitlines()
     assert req == names(env_lines)
-    assert "torch==2.13.0" in (ROOT / "requirements.txt").read_text()

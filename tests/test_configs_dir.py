@@ -4,7 +4,6 @@ example points at a mesh the project ships."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,11 @@ from pathlib import Path
 import pytest
 
 import config as C
+from tests.run_helpers import PUBLISHED_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.json"))
-PUBLISHED_DIR = ROOT.parent / "shared" / "published_configs"
-if not PUBLISHED_DIR.is_dir():
-    PUBLISHED_DIR = Path(os.environ.get("F3D_PUBLISHED_CONFIGS", "/nonexistent"))
 
 # configs/ file -> (published file it is equivalent to, keys whose value deliberately differs).
 # Everywhere: base_mesh of appearance configs is fixed to the path the geometry config writes,
@@ -121,11 +118,10 @@ def test_no_config_names_an_unshipped_envmap():
         assert env is None or C.resolve_path(env).is_file(), f"{p.name}: envmap {env} is not shipped"
 
 
-@pytest.mark.skipif(not PUBLISHED_DIR.is_dir(), reason="published configs not available")
 @pytest.mark.parametrize("name", sorted(PUBLISHED_EQUIVALENTS))
 def test_published_values_kept(name):
     published_name, differ = PUBLISHED_EQUIVALENTS[name]
-    ours, published = load(CONFIG_DIR / f"{name}.json"), load(PUBLISHED_DIR / f"{published_name}.json")
+    ours, published = load(CONFIG_DIR / f"{name}.json"), dict(PUBLISHED_CONFIGS[published_name])
     published.pop("envmap", None)  # not shipped; the default studio sky is used
     assert set(ours) == set(published), (sorted(set(ours) ^ set(published)))
     for key, value in published.items():

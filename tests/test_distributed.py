@@ -1,4 +1,4 @@
-"""Issue 6 acceptance on CPU, multi-process side: torchrun with 2 gloo processes.
+"""Multi-process training on CPU: torchrun with 2 gloo processes.
 
 The run must finish, every rank must hold identical parameters (the log's per-rank parameter
 checksums at save points), and the ranks must have drawn cameras from different azimuth sectors
@@ -32,6 +32,7 @@ def in_sector(azimuth_deg: float, sector: tuple[float, float]) -> bool:
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_sd_path: Path) -> None:
     from dataset.cameras import azimuth_sector
 

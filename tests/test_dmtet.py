@@ -172,6 +172,7 @@ def test_sdf_regularizer_weight_follows_nvdiffrec_schedule() -> None:
     assert sdf_regularizer_weight(0.2, 1000, 1000) == pytest.approx(0.01)               # then constant
 
 
+@pytest.mark.slow
 def test_sdf_regularizer_removes_a_hidden_bubble_and_keeps_the_seen_surface() -> None:
     """A solid sphere with a bubble inside: the bubble's surface is never seen, so the image loss
     leaves it there; the sign-change regularizer fills it, while the image loss keeps the sphere.
@@ -552,24 +553,6 @@ def test_classify_triton_matches_reference_in_interpreter() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_classify_triton_matches_reference_on_gpu() -> None:
-    classify_parity("cuda")
-    # And the training extraction, end to end: the same padded surface with either classification.
-    geo = DMTetGeometry(64, 2.0, device="cuda")
-    assert geo.classify_backend == "triton"
-    net = geo.sdf_net.forward   # a sphere plus the random network (as above): a surface for sure
-    geo.sdf_net.forward = lambda x: (lambda s, d: (0.2 * s + x.norm(dim=1) - 0.6, d))(*net(x))  # type: ignore
-    from geometry.dmtet import CapacityPlanner
-    planner = CapacityPlanner()
-    fused = geo.extract_padded(planner)
-    geo.classify_backend = "torch"
-    ref = geo.extract_padded(planner)
-    assert torch.equal(fused.faces, ref.faces) and torch.equal(fused.verts, ref.verts)
-    assert torch.equal(fused.counts, ref.counts)
-
-
 # ---- sealed air --------------------------------------------------------------------------------
 
 def _flood_fill_sealed(sdf: np.ndarray, edges: np.ndarray, boundary: np.ndarray) -> np.ndarray:
@@ -637,6 +620,7 @@ def test_sealed_air_finds_a_void_and_not_an_open_cavity() -> None:
     assert not sealed_air(torch.from_numpy(cavity.astype(np.float32)), 32).any()
 
 
+@pytest.mark.slow
 def test_sealed_air_term_fills_a_void_and_keeps_the_outer_surface() -> None:
     """The loss the trainer adds (sealed_air > 0), beside a term that holds the outer surface where
     it is (as the guidance does where views see it): the void goes within a few refreshes and the

@@ -213,8 +213,8 @@ def test_visibility_finds_the_deep_mugs_hidden_floor_and_how_well_the_cup_is_see
     assert cup["carved_iou_bound"] > 0.93, cup
     # ...but the middle of its cavity only from the steepest of them: counting a voxel as carved
     # only when 8 of the 96 cameras (8%) see free space there drops the cup's bound below 0.90
-    # (measured 0.83), while the bowl's shallow dish stays well seen (0.97). Session 11 found the
-    # full-scale cups' missing IoU there (docs/benchmarks/quality/session11).
+    # (measured 0.83), while the bowl's shallow dish stays well seen (0.97). That is where
+    # full-scale cup runs lose their IoU.
     bounds = cup["carved_iou_bound_by_min_cameras"]
     assert bounds["1"] == cup["carved_iou_bound"]
     assert all(bounds[str(a)] >= bounds[str(b)] for a, b in [(1, 2), (2, 4), (4, 8), (8, 16)]), bounds

@@ -1,4 +1,4 @@
-"""Issue 6/7 acceptance on CPU, end to end with the tiny model: an appearance run on a user mesh
+"""End to end on CPU with the tiny model: an appearance run on a user mesh
 without UVs (so the phase unwraps it with xatlas), its output checked as users receive it - the
 run folder, OBJ/MTL with all textures reloading in trimesh, the GLB passing the Khronos glTF
 validator, the light probe - and the exported OBJ accepted again as `base_mesh`. Runs
@@ -22,7 +22,8 @@ import train
 from tests.test_export import run_gltf_validator
 
 # One process, no emulate_gpus: the trainer's sector-coverage advice is expected here.
-pytestmark = pytest.mark.filterwarnings("ignore:each optimizer step draws cameras")
+# One appearance run end to end (slow tier), its outputs checked by the tests below.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:each optimizer step draws cameras")]
 
 TEXTURE_RES = 128
 TRAIN_RES = 64

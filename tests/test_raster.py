@@ -270,16 +270,3 @@ def test_explicit_nvdiffrast_refuses_cpu_tensors_once_loaded(monkeypatch: pytest
     monkeypatch.setattr(raster, "_nv_module", object())
     with pytest.raises(RasterBackendError, match="CUDA"):
         raster.texture(torch.zeros(1, 4, 4, 3), torch.zeros(1, 2, 2, 2), backend="nvdiffrast")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_parity() -> None:
-    from scripts.gpu_check_raster import TOLERANCES, run_parity
-
-    results = run_parity(resolution=512, device="cuda")
-    for row in results:
-        assert row["coverage_disagreement"] < TOLERANCES["coverage_disagreement"], row
-        assert row["attr_max_abs_diff"] < TOLERANCES["attr_max_abs_diff"], row
-        assert row["aa_image_mean_abs_diff"] < TOLERANCES["aa_image_mean_abs_diff"], row
-        assert row["aa_grad_rel_l1"] < TOLERANCES["aa_grad_rel_l1"], row

@@ -147,6 +147,7 @@ def test_shape_outside_grid_is_error_and_overhang_warns() -> None:
 # ----------------------------------------------------------------------------------------------
 # Pretraining quality (acceptance: IoU >= 0.9 ellipsoid, >= 0.85 open user mesh, grid 32, CPU)
 
+@pytest.mark.slow
 def test_pretrain_ellipsoid_iou(one_thread) -> None:
     torch.manual_seed(0)
     mesh_scale = 2.1
@@ -158,12 +159,13 @@ def test_pretrain_ellipsoid_iou(one_thread) -> None:
     assert iou >= 0.9, iou
 
 
+@pytest.mark.slow
 def test_pretraining_does_not_memorize_its_samples(one_thread) -> None:
     """Production hash grid (16 levels, 2^19 entries) at grid 64: every grid vertex farther than a
     cell from the ellipsoid gets the right sign. The fixed 100k-point sample set the pretraining
     once used was memorized by the fine levels: 1234 such vertices had the wrong sign after these
     200 steps (hollow, fragmented starts; 14k at grid 128 after 400 steps of 10240), against 7 with
-    a fresh batch every step (docs/benchmarks/quality/session14/pretraining_memorization.txt)."""
+    a fresh batch every step."""
     torch.manual_seed(0)
     shape = InitShape(InitShapeOptions("ellipsoid", (0.56, 0.56, 0.84)))
     geo = DMTetGeometry(64, 2.3, backend="torch")
@@ -195,6 +197,7 @@ def test_short_pretraining_warns_of_a_loose_fit(one_thread) -> None:
         check_pretraining_fit(1.8e-4, 400)     # 7 levels at seed 42: vanished after 19 steps
 
 
+@pytest.mark.slow
 def test_pretrain_open_torus_mesh_iou(tmp_path: Path, one_thread) -> None:
     torch.manual_seed(0)
     mesh_scale = 2.4

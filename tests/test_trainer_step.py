@@ -78,7 +78,7 @@ def test_record_is_read_after_the_step_is_queued(tmp_path: Path, device: str) ->
     assert record["it"] == 1 and record["nonfinite"] == 0 and not record["skipped"] and not record["stop"]
     assert record["faces"] == 2.0
     assert record["p_sum"] == pytest.approx(float(before.sum()))   # the value the step saw, not the update
-    # Two emulated ranks on one process split the circle: [-45, 135) and [135, 315) (DESIGN.md 6).
+    # Two emulated ranks on one process split the circle: [-45, 135) and [135, 315) (docs/DESIGN.md, "Training loop").
     (az_first, az_second), = record["azimuth_deg"]
     assert -45 <= az_first < 135 and (az_second >= 135 or az_second < -45)
     assert record["loss"] > 0 and math.isfinite(record["loss"])

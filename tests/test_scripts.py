@@ -1,0 +1,95 @@
+"""Smoke tests of the command-line scripts that no other test runs: each is started as a user would
+start it, on small settings, and its output is checked for what it promises."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+
+from render.light import read_hdr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *args] if args[0].endswith(".py") else ["bash", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_make_default_env_writes_a_readable_hdr_sky(tmp_path: Path) -> None:
+    out = tmp_path / "sky.hdr"
+    proc = run_script("scripts/make_default_env.py", "--out", str(out), "--height", "16")
+    assert proc.returncode == 0, proc.stderr
+    sky = read_hdr(out)                                          # [16, 32, 3] linear radiance
+    assert sky.shape == (16, 32, 3) and np.isfinite(sky).all() and sky.min() > 0
+    assert sky[:4].mean() > sky[-4:].mean()                      # brighter sky above the floor
+
+
+def test_gpu_check_sealed_air_finds_the_void_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "sealed.json"
+    proc = run_script("scripts/dev/gpu_check_sealed_air.py", "--device", "cpu", "--grids", "64",
+                      "--iters", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    grid = json.loads(out.read_text())["grids"][0]
+    assert grid["matches_cpu"] and grid["sealed_is_the_void"] and grid["sealed"] > 0, grid
+
+
+def test_unwrap_pieces_reports_both_ways(tmp_path: Path) -> None:
+    mesh = tmp_path / "sphere.ply"
+    trimesh.creation.icosphere(subdivisions=2).export(mesh)
+    out = tmp_path / "unwrap.json"
+    proc = run_script("scripts/dev/unwrap_pieces.py", str(out), str(mesh))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["max_chunk_faces"] for r in rows] == [10_000, 0]
+    assert all(r["faces"] == 320 and r["charts"] >= 1 and 0 < r["uv_area_fraction"] <= 1 for r in rows), rows
+
+
+def test_full_scale_quality_builds_references_and_rejects_an_unknown_job(tmp_path: Path) -> None:
+    refs = tmp_path / "refs"
+    env = {**os.environ, "REFS": str(refs), "RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", "scripts/dev/full_scale_quality.sh", str(tmp_path / "out"), "bogus"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "unknown job bogus" in proc.stderr, proc.stderr
+    manifest = json.loads((refs / "manifest.json").read_text())
+    assert {"mug", "cup", "bowl", "thin_parts", "torus", "textured"} <= set(manifest), manifest
+    assert all((refs / f"{name}.obj").is_file() for name in ("mug", "cup", "bowl", "thin_parts", "torus"))
+
+
+@pytest.mark.parametrize("script", ["scripts/dev/full_scale_quality.sh", "scripts/dev/readme_figures.sh"])
+def test_shell_scripts_parse(script: str) -> None:
+    proc = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_check_raster_smoke_on_cpu(tmp_path: Path) -> None:
+    """Without nvdiffrast the check compares the torch backend with itself: it must pass and time it."""
+    out = tmp_path / "raster.json"
+    proc = run_script("scripts/dev/gpu_check_raster.py", "--device", "cpu", "--reference", "torch",
+                      "--resolution", "64", "--timing-faces", "5000", "--timing-batch", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["all_pass"] and len(result["parity"]) == 3 and result["timing"][0]["median_ms"] > 0, result
+
+
+def test_gpu_check_shading_times_the_path_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "shading.json"
+    proc = run_script("scripts/dev/gpu_check_shading.py", "--device", "cpu", "--batch", "1", "--res", "32",
+                      "--cube-res", "64", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert "skipped" in str(result["texture_parity"]) and result["shading"]["covered_pixels"] > 0, result
+
+
+@pytest.mark.parametrize("script", ["scripts/dev/pretraining_fit.py", "scripts/dev/cup_null_space.py",
+                                    "scripts/dev/host_window.py"])
+def test_gpu_scripts_import_and_explain_themselves(script: str) -> None:
+    """Scripts whose real run needs a GPU or tens of minutes: their imports resolve and --help works."""
+    proc = run_script(script, "--help", timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout.lower(), proc.stdout + proc.stderr
