@@ -425,7 +425,8 @@ class Config:
                                   "8 gives the published 8-GPU runs' views per step, 4 the four sectors", ours=True)
     resume: str | None = _k(None, path_or_none,
                             "continue from a checkpoint: its path, or auto for this run folder's "
-                            "checkpoints/last.pt. Its mode must match; with another number of processes the run "
+                            "checkpoints/last.pt (none yet: the run starts over). Its mode must match; log.jsonl is cut "
+                            "back to the checkpoint's iteration; with another number of processes the run "
                             "continues but its random streams restart from the seed", ours=True)
     raster_backend: str = _k("auto", choice(*BACKENDS),
                              "rasterizer: auto (nvdiffrast on CUDA when it loads, else, with a warning saying why, "
@@ -447,6 +448,10 @@ class Config:
     video_frames: int = _k(120, integer(0), "frames (30 per second) of the turntable video.mp4 written when a run "
                            "completes with validate (geometry: normals; appearance: shaded); 0: no video. Needs "
                            "imageio-ffmpeg, checked before training", ours=True)
+    tensorboard: str = _k("auto", choice("auto", "on", "off"), "TensorBoard events in the run folder's tensorboard/ "
+                          "(rank 0): every numeric log.jsonl field, the validation images, turntable frames and the "
+                          "exported mesh; view with tensorboard --logdir out. auto: when the tensorboard package is "
+                          "installed; on: an error before training without it; off: none", ours=True)
     mesh_min_component_fraction: float = _k(0.01, number(0.0, 0.999),
                                             "at geometry export, drop connected components with fewer than this "
                                             "fraction of the faces: floaters where the cameras barely look, e.g. "
@@ -596,8 +601,13 @@ def resolve_path(value: str) -> Path:
     return in_project if in_project.exists() else p
 
 
-def check_files(cfg: Config) -> None:
-    """Every file the config names must exist (and an HDR must be readable)."""
+HDR_KEYS = ("envmap", "relight")
+
+
+def named_files(cfg: Config) -> list[tuple[str, str | None, str]]:
+    """The files this config's run reads: (key, value as written, what it is for), in check order.
+    base_mesh only where the mode uses it, target_mesh only under guidance=target_mesh, display's
+    relight layers only where appearance validation renders them."""
     needed: list[tuple[str, str | None, str]] = []
     if cfg.mode == "appearance_modeling":
         needed.append(("base_mesh", cfg.base_mesh, "the mesh to texture; run the geometry config first or point "
@@ -606,26 +616,23 @@ def check_files(cfg: Config) -> None:
         needed.append(("base_mesh", cfg.base_mesh, "sdf_init_shape=custom_mesh needs a mesh file"))
     if cfg.guidance == "target_mesh":
         needed.append(("target_mesh", cfg.target_mesh, "the mesh whose renders guide training"))
-    for key in ("envmap", "relight"):
+    for key in HDR_KEYS:
         if getattr(cfg, key):
             needed.append((key, getattr(cfg, key), "an HDR environment map (.hdr or .exr)"))
-    for key, value, what in needed:
+    if cfg.mode == "appearance_modeling" and cfg.validate:  # only appearance validation renders them
+        needed += [("display", layer["relight"], "the HDR environment map of a relight display layer (.hdr or .exr)")
+                   for layer in cfg.display or [] if "relight" in layer]
+    return needed
+
+
+def check_files(cfg: Config) -> None:
+    """Every file the config names must exist. Their contents are checked by preflight.py."""
+    for key, value, what in named_files(cfg):
         if not value:
             raise ConfigError(f"missing value for '{key}': {what}")
-        p = resolve_path(value)
-        if not p.is_file():
+        if not resolve_path(value).is_file():
             places = sorted({str(Path.cwd()), str(PROJECT_ROOT)})
             raise ConfigError(f"file not found for '{key}': {value} (looked in {' and '.join(places)}); {what}")
-        if key in ("envmap", "relight"):
-            _check_envmap(key, p)
-
-
-def _check_envmap(key: str, path: Path) -> None:
-    from render import light  # lazy: --check of geometry configs needs no rendering code
-    try:
-        light.check_envmap(path)
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad file for the user
-        raise ConfigError(f"cannot read '{key}' {path}: {e}") from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -6,15 +6,63 @@ from RANK and WORLD_SIZE.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
+import json
 import os
+import re
+import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
+# How long a collective waits for the other processes. Not short: ranks legitimately wait for
+# each other at startup (the first run downloads the diffusion model while the others wait at
+# the first collective) and at the end (rank 0 exports alone before the final barrier). A process
+# that dies or fails is noticed long before this: its sockets close, so the others' next
+# collective fails at once (gloo), and torchrun, which checks its workers every 0.1 s, sends the
+# rest SIGTERM and SIGKILLs them 30 s later (TORCH_ELASTIC_SHUTDOWN_TIMEOUT).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
 
 class DeviceError(RuntimeError):
     pass
+
+
+class PeerFailure(RuntimeError):
+    """A collective failed because another process stopped or failed (its own message says why)."""
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn a collective's failure (a peer's closed connection, a timeout) into PeerFailure."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:        # DistBackendError and gloo's errors are RuntimeErrors
+        raise PeerFailure(f"{what} failed, so another process stopped or failed (its message says why; "
+                          f"here: {_short(e)})") from e
+
+
+def _short(e: BaseException) -> str:
+    """The gist of a backend error: '[.../pair.cc:553] Connection closed by peer [ip]:port. This is
+    typically ...' -> 'Connection closed by peer [ip]:port'."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip().splitlines() or [""])[0])
+    return (text.split(". ")[0] or type(e).__name__)[:200]
+
+
+def report_failure(message: str) -> None:
+    """Under torchrun, record this process's failure where torchrun reads it, so the summary it
+    prints when a worker fails names the cause instead of pointing at the elastic docs."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump({"message": message, "timestamp": int(time.time())}, f)
 
 
 @dataclass(frozen=True)
@@ -61,18 +109,23 @@ def setup(requested_device: str = "auto") -> DistInfo:
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        with _collective("joining the process group"):
+            dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                    timeout=COLLECTIVE_TIMEOUT)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def teardown() -> None:
     if dist.is_initialized():
-        dist.destroy_process_group()
+        # After a peer failed the group may be unusable; the run's own message is already out.
+        with contextlib.suppress(RuntimeError):
+            dist.destroy_process_group()
 
 
 def barrier(info: DistInfo) -> None:
     if info.distributed:
-        dist.barrier()
+        with _collective("waiting for the other processes"):
+            dist.barrier()
 
 
 def step_all_reduce(params: list[torch.nn.Parameter], flags: list[bool], values: list[float],
@@ -103,7 +156,8 @@ def step_all_reduce(params: list[torch.nn.Parameter], flags: list[bool], values:
     tail_dev = (tail.pin_memory().to(info.device, non_blocking=True) if info.device.type == "cuda"
                 else tail.to(info.device))
     flat = torch.cat([g.reshape(-1) for g in grads] + [tail_dev])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    with _collective("the step's gradient all-reduce"):
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     n_grad = flat.numel() - tail.numel()
     flat[:n_grad] /= world
     offset = 0
@@ -133,7 +187,8 @@ def gather_floats(values: list[float], info: DistInfo) -> list[list[float]]:
         return [[float(v) for v in values]]
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     out = [torch.empty_like(t) for _ in range(info.world_size)]
-    dist.all_gather(out, t)
+    with _collective("gathering parameter checksums"):
+        dist.all_gather(out, t)
     return [o.tolist() for o in out]
 
 
@@ -142,7 +197,8 @@ def gather_objects(obj: object, info: DistInfo) -> list[object]:
     if not info.distributed:
         return [obj]
     out: list[object] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
+    with _collective("gathering random states for the checkpoint"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -150,5 +206,6 @@ def broadcast_params(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Rank 0's parameters to all ranks (after init or resume). Sync point: collective."""
     if not info.distributed:
         return
-    for p in params:
-        dist.broadcast(p.data, src=0)
+    with _collective("sharing rank 0's parameters"):
+        for p in params:
+            dist.broadcast(p.data, src=0)

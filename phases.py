@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import distributed
+import progress
 from config import Config, resolve_path
 from dataset.cameras import CameraBatch
 from render import raster
@@ -92,6 +93,17 @@ def camera_chunks(cams: CameraBatch, size: int):
     """Consecutive sub-batches of at most `size` cameras (bounded memory for long turntables)."""
     for i in range(0, len(cams), size):
         yield CameraBatch(**{f: (v if f in ("resolution", "stream") else v[i:i + size]) for f, v in vars(cams).items()})
+
+
+def render_turntable(cams: CameraBatch, render: Callable[[CameraBatch], np.ndarray], chunk: int = 8) -> np.ndarray:
+    """The turntable's frames [N, H, W, 3] uint8, rendered `chunk` cameras at a time, with a
+    progress bar (hundreds of frames at display resolution take a while)."""
+    frames = []
+    with contextlib.closing(progress.bar(len(cams), "video frames", unit="frame")) as bar:
+        for part in camera_chunks(cams, chunk):
+            frames.append(render(part))
+            bar.update(len(part))
+    return np.concatenate(frames)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,6 +210,7 @@ def empty_start_hint(pretrain_mse: float, iters: int) -> str:
 class GeometryPhase:
     name = "geometry"
     lr = 1e-3
+    prepare_activity = "SDF pretraining"
 
     def __init__(self, cfg: Config, info: distributed.DistInfo, run_dir: Path) -> None:
         from geometry.dmtet import CapacityPlanner, DMTetGeometry
@@ -242,8 +255,10 @@ class GeometryPhase:
 
     def prepare(self, resumed: bool) -> None:
         """SDF pretraining towards the initial shape (skipped when resuming: the weights are loaded)."""
+        if resumed:   # the checkpoint set the hash-grid levels in use: a run resumed at its last
+            return    # iteration exports with them (the coarse levels would give another mesh)
         self.geo.sdf_net.set_active_levels(self.levels_at(1))
-        if resumed or self.cfg.sdf_init_iter == 0:
+        if self.cfg.sdf_init_iter == 0:
             return
         from geometry.sdf_init import InitShape, InitShapeOptions, check_pretraining_fit, pretrain_sdf
         c = self.cfg
@@ -350,7 +365,7 @@ class GeometryPhase:
         return {"normal": self._normals(cams)}
 
     def turntable_frames(self, cams: CameraBatch) -> np.ndarray:
-        return np.concatenate([self._normals(c) for c in camera_chunks(cams, 8)])
+        return render_turntable(cams, self._normals)
 
     def export(self, out_dir: Path) -> list[Path]:
         from render.export import write_glb, write_obj
@@ -369,12 +384,7 @@ class GeometryPhase:
                 print(f"removed {hidden.dropped} components ({hidden.dropped_faces} faces) enclosed by the rest of the "
                       "surface: voids or shells inside the solid that no view sees (mesh_drop_enclosed=false keeps them)",
                       flush=True)
-        mesh = compute_vertex_normals(mesh)
-        # xatlas can take minutes on a large, noisy surface: say what is happening and how long it took.
-        print(f"unwrapping UVs with xatlas ({mesh.t_pos_idx.shape[0]} faces)...", end=" ", flush=True)
-        t0 = time.perf_counter()
-        mesh = unwrap(mesh)
-        print(f"{time.perf_counter() - t0:.1f} s", flush=True)
+        mesh = unwrap(compute_vertex_normals(mesh))   # large meshes: a line before and after (render/uv.py)
         return [write_obj(out_dir, mesh), write_glb(out_dir / "mesh.glb", mesh)]
 
     def state_dict(self) -> dict[str, Any]:

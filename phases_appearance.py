@@ -11,7 +11,7 @@ import torch
 import distributed
 from config import Config, resolve_path
 from dataset.cameras import CameraBatch
-from phases import Guide, camera_chunks
+from phases import Guide, render_turntable
 from render import raster
 from render.light import EnvironmentLight, default_environment
 from render.pbr_render import rasterize_gbuffer_on, render_pbr, render_textured
@@ -39,6 +39,7 @@ def checker_background(resolution: tuple[int, int], device: torch.device, cells:
 class AppearancePhase:
     name = "appearance"
     lr = 1e-2
+    prepare_activity = "preparation"
 
     def __init__(self, cfg: Config, info: distributed.DistInfo, run_dir: Path) -> None:
         from geometry.fixed_mesh import FixedMeshGeometry
@@ -132,7 +133,7 @@ class AppearancePhase:
         return self._relights[path]
 
     def turntable_frames(self, cams: CameraBatch) -> np.ndarray:
-        return np.concatenate([to_uint8(self._render(c, background="white")) for c in camera_chunks(cams, 8)])
+        return render_turntable(cams, lambda part: to_uint8(self._render(part, background="white")))
 
     def export(self, out_dir: Path) -> list[Path]:
         from render.bake import bake

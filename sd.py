@@ -20,6 +20,7 @@ all ranks skip together. ``skipped`` (nonfinite > 0) and ``nonfinite`` are for t
 from __future__ import annotations
 
 import gc
+import json
 import math
 import re
 import warnings
@@ -30,6 +31,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import progress
 
 MODES = ("geometry_modeling", "appearance_modeling")
 STAGES = ("geometry_coarse", "geometry_fine", "appearance")
@@ -334,21 +337,86 @@ def _looks_like_path(sd_model: str) -> bool:
     return (not _HUB_ID.match(sd_model)) or sd_model.startswith(("./", "../", "~"))
 
 
-def _check_local_folder(sd_model: str) -> Path:
+# What ``from_pretrained`` reads from each part of a local folder (no variant, as
+# ``_load_component`` loads them): (the name to report when absent, alternatives: any one tuple of
+# files, all present, satisfies it). Checked before any import of diffusers, so an incomplete folder
+# (an interrupted download, a copy without weights) fails in a second, not after loading the others.
+_Requirement = tuple[str, tuple[tuple[str, ...], ...]]
+_CONFIG_FILE: _Requirement = ("config.json", (("config.json",),))
+_DIFFUSERS_WEIGHTS: _Requirement = (
+    "diffusion_pytorch_model.safetensors (or .bin)",
+    tuple((f"diffusion_pytorch_model.{ext}",) for ext in ("safetensors", "bin", "safetensors.index.json",
+                                                          "bin.index.json")))
+_TRANSFORMERS_WEIGHTS: _Requirement = (
+    "model.safetensors (or pytorch_model.bin)",
+    tuple((name,) for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                               "pytorch_model.bin.index.json")))
+COMPONENT_FILES: dict[str, tuple[_Requirement, ...]] = {
+    "unet": (_CONFIG_FILE, _DIFFUSERS_WEIGHTS),
+    "vae": (_CONFIG_FILE, _DIFFUSERS_WEIGHTS),
+    "text_encoder": (_CONFIG_FILE, _TRANSFORMERS_WEIGHTS),
+    "tokenizer": (("vocab.json + merges.txt (or tokenizer.json)", (("vocab.json", "merges.txt"),
+                                                                   ("tokenizer.json",))),),
+    "scheduler": (("scheduler_config.json", (("scheduler_config.json",),)),),
+}
+_JSON_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+               "scheduler/scheduler_config.json")
+
+
+def is_local_model(sd_model: str) -> bool:
+    """True when ``sd_model`` names a local folder rather than a hub id: it exists on disk, or it
+    cannot be a hub id (not ``owner/name``, or it starts with ./ ../ ~)."""
+    return Path(sd_model).expanduser().exists() or _looks_like_path(sd_model)
+
+
+def _missing_parts(path: Path) -> list[str]:
+    """The parts of the folder ``path`` that ``from_pretrained`` needs and cannot find: absent
+    components first (as folders), then the files absent from the components that are there."""
+    missing = [] if (path / "model_index.json").is_file() else ["model_index.json"]
+    missing += [name for name in COMPONENTS if not (path / name).is_dir()]
+    for name in COMPONENTS:
+        if (path / name).is_dir():
+            missing += [f"{name}/{label}" for label, choices in COMPONENT_FILES[name]
+                        if not any(all((path / name / f).is_file() for f in files) for files in choices)]
+    return missing
+
+
+def _bad_json(path: Path) -> str | None:
+    """Why the small JSON config ``path`` cannot be read (None when it reads as a JSON object)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None if isinstance(data, dict) else f"expected a JSON object, got {type(data).__name__}"
+
+
+def check_model_folder(sd_model: str) -> Path:
+    """The local diffusers Stable Diffusion folder ``sd_model``, checked part by part without
+    loading any weights (or importing diffusers): model_index.json, and unet/ vae/ text_encoder/
+    tokenizer/ scheduler/ with the config files and weights ``from_pretrained`` reads.
+
+    Raises InvalidModelFolderError naming the folder, every missing part (or the unreadable
+    config file) and how to get a complete folder. Returns the folder's path.
+    """
     path = Path(sd_model).expanduser()
     fix = ("set sd_model to a diffusers Stable Diffusion folder (model_index.json + unet/ vae/ "
            "text_encoder/ tokenizer/ scheduler/) or to a hub id such as "
-           f"{DEFAULT_SD_MODEL!r}")
+           f"{DEFAULT_SD_MODEL!r}; `hf download {DEFAULT_SD_MODEL} --local-dir DIR` writes a complete folder")
     if not path.exists():
         raise InvalidModelFolderError(
             f"sd_model: local path {str(path.resolve())!r} does not exist; {fix}")
     if not path.is_dir():
         raise InvalidModelFolderError(f"sd_model: {str(path)!r} is a file, expected a folder; {fix}")
-    missing = [name for name in ("model_index.json",) + COMPONENTS if not (path / name).exists()]
+    missing = _missing_parts(path)
     if missing:
         raise InvalidModelFolderError(
             f"sd_model: folder {str(path)!r} is not a diffusers Stable Diffusion model: it lacks "
             f"{', '.join(missing)}; {fix}")
+    for name in _JSON_FILES:
+        reason = _bad_json(path / name)
+        if reason:
+            raise InvalidModelFolderError(
+                f"sd_model: folder {str(path)!r} has an unreadable {name} ({' '.join(reason.split())}); {fix}")
     return path
 
 
@@ -378,8 +446,8 @@ def resolve_sd_model(sd_model: str) -> tuple[str, bool]:
     A hub id is probed by fetching its model_index.json (cache first; offline mode never touches
     the network), so a missing model fails here with one clear message instead of inside diffusers.
     """
-    if Path(sd_model).expanduser().exists() or _looks_like_path(sd_model):
-        return str(_check_local_folder(sd_model)), True
+    if is_local_model(sd_model):
+        return str(check_model_folder(sd_model)), True
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HFValidationError
 
@@ -450,6 +518,13 @@ class StableDiffusionGuidance(nn.Module):
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         # Before importing diffusers (seconds): a missing model should fail fast.
         source, is_local = resolve_sd_model(opts.sd_model)
+        # Importing diffusers and reading (on first use, downloading) ~5 GB of weights: seconds to minutes.
+        with progress.timed(f"loading the diffusion model {opts.sd_model}"):
+            self._load(source, is_local)
+
+    def _load(self, source: str, is_local: bool) -> None:
+        """The prompt embeddings, VAE, UNet and noise schedule from the model folder or hub id."""
+        opts = self.opts
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor2_0
 

@@ -13,7 +13,9 @@ import sys
 # another process shares the cores (torchrun on CPU, a busy machine). Must be set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from config import ConfigError, check_files, load_config
+from config import ConfigError, load_config
+from preflight import preflight
+from tb_log import require as require_tensorboard
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -32,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        check_files(cfg)
+        # Before any model loads, for a run and --check alike: a bad file, run folder or model
+        # folder costs a second and leaves nothing behind (exit 2).
+        preflight(cfg, args.config)
+        require_tensorboard(cfg.tensorboard)   # tensorboard=on without the package
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,4 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:   # Ctrl-C while torch imports, before trainer.run handles signals
+        print("stopped by SIGINT while starting: nothing was written", file=sys.stderr)
+        sys.exit(130)

@@ -2,7 +2,9 @@
 
 cameras -> phase.step (render + guidance) -> accumulate over camera-sector micro-steps ->
 all-reduce gradients -> optimizer step; with progress, a JSON-lines log, validation images,
-atomic checkpoints, exact resume, Ctrl-C handling and the final export.
+atomic checkpoints, exact resume, the final export, and an ending for every run: finished,
+interrupted (SIGINT, SIGTERM) or failed, told in one line and in the run folder's status.json
+(run_status.py).
 """
 from __future__ import annotations
 
@@ -16,18 +18,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
 import distributed
+import tb_log
+import faults
+import progress
 from config import Config, resolve_path, write_json_atomic
 from dataset.cameras import (CameraBatch, CameraOptions, azimuth_sector, sample_train_cameras,
                              turntable_cameras, validation_cameras)
 from geometry.hashgrid import published_adamw
+from run_status import (EXIT_ERROR, EXIT_OUT_OF_MEMORY, RunEnd, RunInterrupted, RunProgress, RunSignals, RunStatus,
+                        failed, finished, stopped_at_once, stopped_between_steps)
 
 CHECKPOINT_NAME = "last.pt"
+PREVIOUS_CHECKPOINT_NAME = "previous.pt"   # a fresh run sets an earlier run's last.pt aside under this name
 
 
 class TrainingError(RuntimeError):
@@ -87,6 +95,7 @@ class QueuedStep:
 class Phase(Protocol):
     name: str
     lr: float
+    prepare_activity: str           # what prepare() does, for the ending's "stopped during ..."
 
     def parameters(self) -> list[torch.nn.Parameter]: ...
     def stage(self, it: int) -> str: ...
@@ -118,11 +127,38 @@ def accumulation_plan(emulate_gpus: int | None, world_size: int) -> tuple[int, i
     return k, k // world_size
 
 
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+def save_atomic(obj: Any, path: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint,
+    and an error while writing (a full disk) leaves no temporary file (`before_replace`: a test hook)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rewrite_log(path: Path, upto: int) -> None:
+    """Keep the log's records of iterations 1..`upto` (where the run starts: the checkpoint's
+    iteration, 0 when fresh), one per iteration, written back atomically. The run appends from
+    there, so the log never holds an iteration twice, whatever an earlier run logged after its
+    last checkpoint. A line cut short by a kill is dropped."""
+    if not path.exists():
+        return
+    kept: dict[int, str] = {}
+    for line in path.read_text().splitlines():
+        try:
+            it = json.loads(line).get("it")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(it, int) and 1 <= it <= upto:
+            kept[it] = line                  # a later line of the same iteration replaces an earlier one
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept[it] + "\n" for it in sorted(kept)))
     os.replace(tmp, path)
 
 
@@ -137,30 +173,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
 
 
-class InterruptHandler:
-    """First Ctrl-C: finish the step, checkpoint, export. Second: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self) -> "InterruptHandler":
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread (e.g. under some test runners): keep the default
-            self._previous = None
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\ninterrupt: finishing this step, then saving a checkpoint and exporting "
-              "(Ctrl-C again to quit now)", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+@dataclass
+class RunContext:
+    """What a run's ending needs from the loop: the progress so far, status.json and the signals.
+    Trainers built without one (tests, benchmarks) get a silent context."""
+    progress: RunProgress
+    status: RunStatus
+    signals: RunSignals | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,8 +190,9 @@ class Trainer:
     MAX_CONSECUTIVE_SKIPS = 20
 
     def __init__(self, cfg: Config, info: distributed.DistInfo, phase: Phase, run_dir: Path,
-                 generators: tuple[torch.Generator, torch.Generator]) -> None:
+                 generators: tuple[torch.Generator, torch.Generator], context: RunContext | None = None) -> None:
         self.cfg, self.info, self.phase, self.run_dir = cfg, info, phase, run_dir
+        self.context = context or RunContext(RunProgress(cfg.iter), RunStatus(run_dir / "status.json"))
         self.cam_gen, self.noise_gen = generators
         self.virtual_world, self.micro_steps = accumulation_plan(cfg.emulate_gpus, info.world_size)
         self.params = phase.parameters()
@@ -187,6 +207,7 @@ class Trainer:
         self.skipped_total = 0
         self.consecutive_skips = 0
         self.log_path = run_dir / "log.jsonl"
+        self.tb = tb_log.open_for_run(cfg.tensorboard, run_dir, info.is_main)   # TensorBoard mirror of the run
         # CUDA timing: events of steps not yet logged, and the one log record held back until its
         # end event has passed (written by the next log() or flush_log()).
         self._step_events: dict[int, tuple[Any, Any]] = {}
@@ -211,12 +232,52 @@ class Trainer:
     def save_checkpoint(self, it: int) -> None:
         # Collective: every rank contributes its RNG streams; rank 0 writes.
         rng = distributed.gather_objects(self._rng_state(), self.info)
-        if not self.info.is_main:
+        # The log first (CUDA holds the last record back): a run killed after this checkpoint still
+        # has every iteration up to it in the log.
+        self.flush_log()
+        run = self.context.progress
+        with self._signals_held():   # a checkpoint being written is finished, and recorded, first
+            if self.info.is_main:
+                run.activity = f"the checkpoint write of iteration {it}"
+                save_atomic({"it": it, "config": self.cfg.to_dict(), "phase": self.phase.state_dict(),
+                             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                             "rng": rng, "world_size": self.info.world_size, "skipped_total": self.skipped_total},
+                            self.checkpoint_path, before_replace=lambda: faults.point("checkpoint", it))
+            run.checkpoint_it, run.checkpoint_path = it, self.checkpoint_path
+            self.context.status.write("running", run, f"checkpoint of iteration {it} saved")
+
+    def _start(self) -> None:
+        """Resume (resume=auto with no checkpoint yet: start over, as after an interrupt during the
+        SDF pretraining), or start fresh; then bring the log to the starting iteration."""
+        spec = self.cfg.resume
+        if spec == "auto" and not self.checkpoint_path.is_file():
+            self._say(f"resume=auto: no checkpoint in {self.checkpoint_path.parent} yet; starting from the beginning")
+            spec = None
+        if spec:
+            self.resume(spec)
+            run = self.context.progress
+            run.iteration = run.checkpoint_it = self.start_it
+            run.checkpoint_path = self.checkpoint_path if spec == "auto" else resolve_path(spec)
+        else:
+            self._set_aside_earlier_checkpoint()
+        if self.info.is_main:
+            rewrite_log(self.log_path, self.start_it)
+        self.context.status.write("running", self.context.progress,
+                                  f"resumed at iteration {self.start_it}" if self.start_it else "started")
+
+    def _set_aside_earlier_checkpoint(self) -> None:
+        """A fresh run in a folder that holds an earlier run's last.pt: keep it as previous.pt, so
+        resume=auto never continues the earlier run after this one is interrupted before its
+        first checkpoint (its log, rewritten below, would no longer match)."""
+        if not (self.info.is_main and self.checkpoint_path.is_file()):
             return
-        save_atomic({"it": it, "config": self.cfg.to_dict(), "phase": self.phase.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "rng": rng, "world_size": self.info.world_size, "skipped_total": self.skipped_total},
-                    self.checkpoint_path)
+        previous = self.checkpoint_path.with_name(PREVIOUS_CHECKPOINT_NAME)
+        os.replace(self.checkpoint_path, previous)
+        self._say(f"starting over: the earlier run's checkpoint is now {previous} (resume=auto continues a run)")
+
+    def _say(self, line: str) -> None:
+        if self.info.is_main:
+            print(line, file=sys.stderr, flush=True)
 
     def resume(self, spec: str) -> None:
         path = self.checkpoint_path if spec == "auto" else resolve_path(spec)
@@ -276,7 +337,7 @@ class Trainer:
         start.record()
         return start
 
-    def train_step(self, it: int, stop_requested: bool = False) -> QueuedStep:
+    def train_step(self, it: int, stop_signal: int = 0) -> QueuedStep:
         """Queue one optimizer step (no host read on CUDA); ``finish_step`` gives its log record."""
         t0 = time.perf_counter()
         start_ev = self._start_timer()
@@ -287,9 +348,11 @@ class Trainer:
             results.append(result)
             azimuths += az_deg
         # Sync point (several processes), the step's one collective: gradients averaged (a
-        # non-finite entry on any rank reaches every rank, so all skip together), the stop flag
-        # OR-ed and every rank's azimuths gathered for the log. Read one step later, not here.
-        tail = distributed.step_all_reduce(self.params, [stop_requested], azimuths, self.info)
+        # non-finite entry on any rank reaches every rank, so all skip together), the stop flags
+        # (SIGINT, SIGTERM) OR-ed and every rank's azimuths gathered for the log. Read one step
+        # later, not here.
+        flags = [stop_signal == signal.SIGINT, stop_signal == signal.SIGTERM]
+        tail = distributed.step_all_reduce(self.params, flags, azimuths, self.info)
         self._optimizer_step()
         # No device synchronize: on CUDA, "ms" here is the host time of the step (the host waits
         # inside it, at the rasterizer, for the device); log() replaces it with the device time
@@ -313,10 +376,12 @@ class Trainer:
 
     def finish_step(self, step: QueuedStep) -> dict[str, Any]:
         """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
-        "stop" (any rank interrupted). Raises TrainingError after too many skipped steps in a row."""
+        "stop" (the signal that asked any rank to stop, SIGTERM first; 0: none). Raises TrainingError
+        after too many skipped steps in a row."""
         stats, tail, *device_values = step.values.tolist()
         nonfinite, losses = int(sum(stats[0::2])), stats[1::2]
-        (stop,), azimuths = distributed.split_tail(tail, 1, self.info.world_size)
+        (by_int, by_term), azimuths = distributed.split_tail(tail, 2, self.info.world_size)
+        stop = int(signal.SIGTERM) if by_term else int(signal.SIGINT) if by_int else 0
         # First: the phase's own diagnosis (e.g. an empty surface) explains a bad step best.
         phase_entries = self.phase.read_step(step.it, dict(zip(step.device_names, device_values)))
         self._track_skips(step.it, nonfinite > 0, nonfinite)
@@ -376,6 +441,7 @@ class Trainer:
         if self.info.is_main:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.tb.log_scalars(record["it"], record)
 
     def validate(self, it: int) -> None:
         if not (self.info.is_main and self.cfg.validate):
@@ -386,6 +452,7 @@ class Trainer:
             images = self.phase.validation_images(cams)
         for name, views in images.items():  # views: [4, H, W, C] uint8 -> one strip
             save_png(self.run_dir / "validation" / f"it{it:06d}_{name}.png", np.concatenate(list(views), axis=1))
+        self.tb.log_validation(it, images)
 
     def write_video(self) -> None:
         if not (self.info.is_main and self.cfg.validate and self.cfg.video_frames > 0):
@@ -393,8 +460,10 @@ class Trainer:
         import imageio.v2 as iio2
         res = self.cfg.display_res or self.cfg.train_res
         cams = turntable_cameras(camera_options(self.cfg, res), self.info.device, self.cfg.video_frames)
+        self.context.progress.activity = "the turntable video"
         with torch.no_grad():
             frames = self.phase.turntable_frames(cams)  # [N, H, W, 3] uint8
+        self.tb.log_turntable(self.cfg.iter, frames)
         tmp = self.run_dir / "video.tmp.mp4"
         # The ffmpeg writer by name: with imageio-ffmpeg missing, imageio would otherwise try another
         # plugin for ".mp4" (tifffile) and fail with an unrelated TypeError (check_video_writer
@@ -407,74 +476,100 @@ class Trainer:
         os.replace(tmp, self.run_dir / "video.mp4")
 
     # -------------------------------------------------------------------------------- main
-    def fit(self) -> None:
-        cfg = self.cfg
-        if cfg.resume:
-            self.resume(cfg.resume)
-        self.phase.prepare(resumed=self.start_it > 0)
+    def fit(self) -> RunEnd:
+        """The run from here to its end: prepare, train, export; how it ended (a failure raises)."""
+        self._start()
+        run = self.context.progress
+        resumed = self.start_it > 0
+        run.activity = "preparation" if resumed else self.phase.prepare_activity
+        self.phase.prepare(resumed=resumed)
         distributed.broadcast_params(self.params, self.info)  # sync point: identical start on every rank
-        progress = self._progress()
+        bar = progress.bar(self.cfg.iter, self.phase.name, initial=self.start_it, show_at_once=True)
         try:
-            it = self._loop(progress)
+            it, stop = self._loop(bar)
         finally:
-            if progress is not None:
-                progress.close()   # ends the bar's line, also when an error (printed next) leaves the loop
-        if self.info.is_main:
-            exported = self.phase.export(self.run_dir / "dmtet_mesh")
-            print(f"exported: {', '.join(str(p) for p in exported)}", flush=True)
-            if it == cfg.iter:
-                self.write_video()
+            bar.close()   # ends the bar's line, also when an error (printed next) leaves the loop
+        if stop != signal.SIGTERM:   # SIGTERM: the job is about to be killed; the resumed run exports
+            self._export(it)
         distributed.barrier(self.info)  # sync point: no rank exits while rank 0 still writes
+        self.tb.close()
+        if stop == signal.SIGTERM or (stop and it < self.cfg.iter):   # else all work is done
+            return stopped_between_steps(stop, run)
+        return finished(run)
 
-    def _loop(self, progress: Any) -> int:
-        """Train from start_it to cfg.iter or a requested stop; returns the last iteration."""
-        cfg = self.cfg
-        it, queued = self.start_it, None
-        with InterruptHandler() as interrupt, _flushing(self):
+    def _export(self, it: int) -> None:
+        """Rank 0: the mesh, and the video once the last iteration is reached."""
+        if not self.info.is_main:
+            return
+        run = self.context.progress
+        run.activity = "the export"
+        faults.point("export", 1)
+        out = self.run_dir / "dmtet_mesh"
+        exported = self.phase.export(out)
+        run.export_dir = out
+        print(f"exported: {', '.join(str(p) for p in exported)}", flush=True)
+        self.tb.log_mesh(it, exported)
+        if it == self.cfg.iter:
+            self.write_video()
+
+    def _loop(self, bar: Any) -> tuple[int, int]:
+        """Train from start_it to cfg.iter or a requested stop; returns the last iteration and the
+        signal that stopped the loop early (0: none)."""
+        cfg, run = self.cfg, self.context.progress
+        it, queued, stop = self.start_it, None, 0
+        with self._stopping_at_steps(), _flushing(self):
             while it < cfg.iter:
                 it += 1
-                step = self.train_step(it, stop_requested=interrupt.requested)
+                run.activity = f"training iteration {it} ({self.phase.stage(it)} stage)"
+                faults.point("train", it)
+                step = self.train_step(it, stop_signal=self._stop_requested())
                 # The previous step is read now, while this one runs on the device: the host never
-                # waits for the step it has just queued. All ranks read the same OR-ed stop flag,
+                # waits for the step it has just queued. All ranks read the same OR-ed stop flags,
                 # so they all stop after this step.
-                stop = queued is not None and self._report(queued, progress)
+                if queued is not None:
+                    stop = self._report(queued, bar)
                 queued = step
                 save_point = it % cfg.save_interval == 0 or it == cfg.iter
                 if save_point or stop:
-                    stop = self._report(queued, progress) or stop   # checkpoints need this step's values
+                    stop = self._report(queued, bar) or stop   # checkpoints need this step's values
                     queued = None
                     if save_point:
                         self.validate(it)
                     self.save_checkpoint(it)
                 if stop:
                     break
-        return it
+        return it, stop
 
-    def _report(self, step: QueuedStep, progress: Any) -> bool:
-        """Log a queued step's record and advance the progress bar; True when the run should stop."""
+    def _stopping_at_steps(self) -> Any:
+        signals = self.context.signals
+        return signals.stopping_at_steps() if signals is not None else contextlib.nullcontext()
+
+    def _signals_held(self) -> Any:
+        signals = self.context.signals
+        return signals.held() if signals is not None else contextlib.nullcontext()
+
+    def _stop_requested(self) -> int:
+        signals = self.context.signals
+        return signals.requested if signals is not None else 0
+
+    def _report(self, step: QueuedStep, bar: Any) -> int:
+        """Log a queued step's record and advance the progress bar; the signal that asks the run to
+        stop after it (0: none)."""
         record = self.finish_step(step)
         stop = record.pop("stop")
         self.log(record)
-        self._update_progress(progress, record)
+        self.context.progress.iteration = record["it"]
+        self._update_progress(bar, record)
         return stop
 
-    def _progress(self):
-        if not self.info.is_main:
-            return None
-        from tqdm import tqdm
-        return tqdm(total=self.cfg.iter, initial=self.start_it, desc=self.phase.name, dynamic_ncols=True,
-                    file=sys.stderr, mininterval=0.5)
-
-    def _update_progress(self, progress, record: dict[str, Any]) -> None:
-        if progress is None:
-            return
+    def _update_progress(self, bar: Any, record: dict[str, Any]) -> None:
         post = {"stage": record["stage"], "loss": f"{record['loss']:.4g}"}
         if "peak_mem_mb" in record:
             post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
         if self.skipped_total:
             post["skipped"] = self.skipped_total
-        progress.set_postfix(post, refresh=False)
-        progress.update(1)
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
 
 
 @contextlib.contextmanager
@@ -508,34 +603,117 @@ def check_video_writer(cfg: Config) -> None:
 
 
 def run(cfg: Config, config_path: str | None = None) -> int:
-    from phases import build_phase, user_errors  # heavy imports only when training
-
+    """Train and export; every ending is one line on stderr, status.json and an exit code
+    (run_status.py)."""
     try:
         info = distributed.setup(cfg.device)
-    except distributed.DeviceError as e:
+    except (distributed.DeviceError, distributed.PeerFailure) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    previous_determinism = (torch.are_deterministic_algorithms_enabled(),
-                            torch.is_deterministic_algorithms_warn_only_enabled())
-    if info.device.type == "cpu":
+    progress.configure(enabled=info.is_main)
+    run_dir = cfg.run_dir(config_path)
+    context = RunContext(RunProgress(cfg.iter), RunStatus(run_dir / "status.json"), RunSignals(info.is_main))
+    try:
+        with _deterministic_on_cpu(info.device), context.signals:
+            try:
+                end = _train(cfg, info, run_dir, context)
+            except BaseException as e:
+                context.signals.ending = True
+                end = _failure_end(e, cfg, info, context)
+                if end is None:        # not one of ours: a bug, whose traceback is wanted
+                    context.status.write("failed", context.progress, f"{type(e).__name__}: {e}", EXIT_ERROR)
+                    raise
+            context.signals.ending = True
+            _report_end(end, info, context)
+    finally:
+        distributed.teardown()
+    return end.exit_code
+
+
+def _train(cfg: Config, info: distributed.DistInfo, run_dir: Path, context: RunContext) -> RunEnd:
+    from phases import build_phase  # heavy imports only when training
+    check_video_writer(cfg)
+    if info.is_main:
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        context.status.enabled = True
+    context.progress.activity = "model loading"
+    context.status.write("running", context.progress, "started")
+    distributed.barrier(info)  # sync point: the run folder exists before any rank uses it
+    torch.manual_seed(cfg.seed)  # same network initialization on every rank
+    generators = make_generators(cfg.seed, info)
+    phase = build_phase(cfg, info, run_dir)
+    return Trainer(cfg, info, phase, run_dir, generators, context).fit()
+
+
+def _failure_end(e: BaseException, cfg: Config, info: distributed.DistInfo, context: RunContext) -> RunEnd | None:
+    """How an exception ends the run; None for an unexpected one (a bug: re-raised)."""
+    from phases import user_errors
+    run = context.progress
+    if isinstance(e, RunInterrupted):
+        return stopped_at_once(e.signum, run)
+    if isinstance(e, KeyboardInterrupt):       # SIGINT where no handler could be installed
+        return stopped_at_once(signal.SIGINT, run)
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return failed(out_of_memory_message(cfg, info, run), run, EXIT_OUT_OF_MEMORY, resumable=True)
+    if isinstance(e, distributed.PeerFailure):
+        return failed(str(e), run, resumable=True, root_cause=False)
+    if isinstance(e, (TrainingError, *user_errors())):
+        return failed(str(e), run)
+    return None
+
+
+def _report_end(end: RunEnd, info: distributed.DistInfo, context: RunContext) -> None:
+    """The one line (stderr), status.json (rank 0) and, for torchrun, the failing process's cause.
+
+    An interrupt reaches every process alike and rank 0 tells it; a failure may be one rank's
+    own, so that rank tells it, naming itself when there are several."""
+    context.status.write(end.state, context.progress, end.message, end.exit_code, end.signum)
+    if end.state == "finished":
+        return
+    if end.state == "interrupted":
+        if info.is_main:
+            print(end.message, file=sys.stderr, flush=True)
+        return
+    where = f" (rank {info.rank} of {info.world_size})" if info.distributed else ""
+    # Several processes: a new line, since rank 0's progress bar may hold the current one.
+    print(f"{chr(10) if info.distributed else ''}error{where}: {end.message}", file=sys.stderr, flush=True)
+    if end.root_cause:   # torchrun names the earliest report the root cause: the peers must not race it
+        distributed.report_failure(f"error{where}: {end.message}")
+
+
+def out_of_memory_message(cfg: Config, info: distributed.DistInfo, run: RunProgress) -> str:
+    """What ran out of GPU memory, with what sizes, and which keys shrink it."""
+    geometry = cfg.mode == "geometry_modeling"
+    sizes = f"batch {cfg.batch} per process, train_res {list(cfg.train_res)}, " + (
+        f"dmtet_grid {cfg.dmtet_grid}" if geometry else f"texture_res {list(cfg.texture_res)}")
+    third = "dmtet_grid (256 -> 128)" if geometry else "texture_res (the bake at the end)"
+    return (f"out of GPU memory during {run.activity} ({sizes}; {gpu_memory_in_use(info.device)}). Lower batch, "
+            f"train_res (e.g. [256,256]) or {third}; half the batch with twice the emulate_gpus keeps the "
+            f"cameras per step")
+
+
+def gpu_memory_in_use(device: torch.device) -> str:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "GPU memory in use: unknown, not a CUDA device"
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    except RuntimeError as e:
+        return f"GPU memory in use: unknown ({e})"
+    gib = 2 ** 30
+    return (f"GPU memory in use: {(total - free) / gib:.1f} of {total / gib:.1f} GiB, PyTorch "
+            f"{allocated / gib:.1f} GiB allocated, {reserved / gib:.1f} GiB reserved")
+
+
+@contextlib.contextmanager
+def _deterministic_on_cpu(device: torch.device):
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cpu":
         # The hash-grid backward accumulates rows with index_put_(accumulate=True), whose CPU kernel
         # is run-to-run nondeterministic unless deterministic mode is on (free on CPU). Without it
         # neither two identical runs nor a resumed run match bit for bit.
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        check_video_writer(cfg)
-        run_dir = cfg.run_dir(config_path)
-        if info.is_main:
-            write_json_atomic(run_dir / "config.json", cfg.to_dict())
-        distributed.barrier(info)  # sync point: the run folder exists before any rank uses it
-        torch.manual_seed(cfg.seed)  # same network initialization on every rank
-        generators = make_generators(cfg.seed, info)
-        phase = build_phase(cfg, info, run_dir)
-        Trainer(cfg, info, phase, run_dir, generators).fit()
-        return 0
-    except (TrainingError, *user_errors()) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        yield
     finally:
-        torch.use_deterministic_algorithms(previous_determinism[0], warn_only=previous_determinism[1])
-        distributed.teardown()
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

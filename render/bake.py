@@ -16,11 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import contextlib
+
 import cv2
 import numpy as np
 import torch
 from torch import Tensor
 
+import progress
 from render import raster
 from render.mesh import Mesh, MeshError, validate_mesh
 
@@ -136,14 +139,15 @@ def _inpaint_channel(tile_hw: np.ndarray, known_hw: np.ndarray, hole_u8: np.ndar
 
 
 def uv_padding(image_hwc: np.ndarray, known_hw: np.ndarray, blocks: int,
-               radius: float = 3.0) -> np.ndarray:
+               radius: float = 3.0, on_tile: Callable[[], object] | None = None) -> np.ndarray:
     """Fill unknown texels with OpenCV Telea inpainting, per channel in float32.
 
     The image is cut into blocks x blocks tiles that are inpainted independently (the
     published `uv_padding_block`): the fast-marching fill's cost grows faster than linearly with
     the hole size, and colours only need to propagate a few texels past the island borders.
     Tiles without any known texel (empty atlas corners, never sampled by a triangle) get the
-    mean of all known texels. Known texels are returned unchanged.
+    mean of all known texels. Known texels are returned unchanged. `on_tile` is called after each
+    tile (progress).
     """
     if image_hwc.ndim != 3 or known_hw.shape != image_hwc.shape[:2]:
         raise ValueError(f"uv_padding: image must be [H, W, C] and mask [H, W], got "
@@ -157,16 +161,23 @@ def uv_padding(image_hwc: np.ndarray, known_hw: np.ndarray, blocks: int,
     global_mean_c = src[known_hw].mean(axis=0)
     for y0, y1 in _tile_bounds(src.shape[0], blocks):
         for x0, x1 in _tile_bounds(src.shape[1], blocks):
-            known = known_hw[y0:y1, x0:x1]
-            if known.all():
-                continue
-            if not known.any():
-                out[y0:y1, x0:x1] = global_mean_c
-                continue
-            hole_u8 = np.where(known, 0, 255).astype(np.uint8)
-            for c in range(src.shape[2]):
-                out[y0:y1, x0:x1, c] = _inpaint_channel(src[y0:y1, x0:x1, c], known, hole_u8, radius)
+            _pad_tile(src[y0:y1, x0:x1], known_hw[y0:y1, x0:x1], out[y0:y1, x0:x1], global_mean_c, radius)
+            if on_tile is not None:
+                on_tile()
     return out
+
+
+def _pad_tile(src_hwc: np.ndarray, known_hw: np.ndarray, out_hwc: np.ndarray, mean_c: np.ndarray,
+              radius: float) -> None:
+    """uv_padding of one tile, written into `out_hwc` (a view of the output)."""
+    if known_hw.all():
+        return
+    if not known_hw.any():
+        out_hwc[:] = mean_c
+        return
+    hole_u8 = np.where(known_hw, 0, 255).astype(np.uint8)
+    for c in range(src_hwc.shape[2]):
+        out_hwc[..., c] = _inpaint_channel(src_hwc[..., c], known_hw, hole_u8, radius)
 
 
 def normalize_normal_map(nrm_hw3: Tensor) -> Tensor:
@@ -199,13 +210,17 @@ def bake(mesh: Mesh, material_fn: MaterialFn, texture_res: int | tuple[int, int]
     known_hw = covered_hw.cpu().numpy()
     device = mesh.v_pos.device
     maps: dict[str, Tensor] = {}
-    for key in MAP_NAMES:
-        full_hw3 = torch.zeros(*resolution, 3, dtype=torch.float32, device=device)
-        full_hw3[covered_hw] = values[key]
-        if key == "nrm":
-            # Unit vectors before filling so inpainting averages directions, not lengths.
-            full_hw3 = normalize_normal_map(full_hw3)
-        padded = uv_padding(full_hw3.cpu().numpy(), known_hw, uv_padding_block, inpaint_radius)
-        maps[key] = torch.from_numpy(padded).to(device)
+    # The inpainting dominates at large texture_res (minutes at 4096 on a CPU): a bar over its tiles.
+    tiles = len(MAP_NAMES) * max(uv_padding_block, 1) ** 2
+    with contextlib.closing(progress.bar(tiles, "baking textures", unit="tile")) as bar:
+        for key in MAP_NAMES:
+            full_hw3 = torch.zeros(*resolution, 3, dtype=torch.float32, device=device)
+            full_hw3[covered_hw] = values[key]
+            if key == "nrm":
+                # Unit vectors before filling so inpainting averages directions, not lengths.
+                full_hw3 = normalize_normal_map(full_hw3)
+            padded = uv_padding(full_hw3.cpu().numpy(), known_hw, uv_padding_block, inpaint_radius,
+                                on_tile=bar.update)
+            maps[key] = torch.from_numpy(padded).to(device)
     return BakedMaps(kd=maps["kd"], ks=maps["ks"], nrm=normalize_normal_map(maps["nrm"]),
                      mask=covered_hw)

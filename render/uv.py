@@ -8,12 +8,19 @@ old UVs; `render.mesh.compute_tangents` rebuilds them from the new ones.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+import progress
 from render.mesh import Mesh, MeshError, face_component_labels, validate_mesh
+
+
+# Meshes from this many faces up get a line before and after the unwrap: xatlas is one native
+# call that reports no progress, and on a large, noisy surface it takes from seconds to minutes.
+ANNOUNCE_FACES = 20_000
 
 
 class UnwrapError(RuntimeError):
@@ -108,7 +115,10 @@ def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
         used, local = np.unique(tri_fx3[faces], return_inverse=True)
         atlas.add_mesh(pos_vx3[used], local.reshape(-1, 3).astype(np.uint32))
         piece_verts.append(used)
-    atlas.generate(x_chart, x_pack)
+    announce = len(tri_fx3) >= ANNOUNCE_FACES
+    with progress.timed(f"unwrapping UVs with xatlas ({len(tri_fx3)} faces, {len(chunks)} pieces)") if announce \
+            else contextlib.nullcontext():
+        atlas.generate(x_chart, x_pack)
     if atlas.atlas_count != 1:
         raise UnwrapError(f"unwrap: xatlas produced {atlas.atlas_count} atlas pages, expected 1; "
                           "set pack_options.max_chart_size to 0 or raise pack_options.resolution")
