@@ -27,7 +27,7 @@ import distributed
 import tb_log
 import faults
 import progress
-from config import Config, resolve_path, write_json_atomic
+from config import Config, resolve_path, write_json_atomic, write_text_atomic
 from dataset.cameras import (CameraBatch, CameraOptions, azimuth_sector, sample_train_cameras,
                              turntable_cameras, validation_cameras)
 from geometry.hashgrid import published_adamw
@@ -157,9 +157,7 @@ def rewrite_log(path: Path, upto: int) -> None:
             continue
         if isinstance(it, int) and 1 <= it <= upto:
             kept[it] = line                  # a later line of the same iteration replaces an earlier one
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept[it] + "\n" for it in sorted(kept)))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept[it] + "\n" for it in sorted(kept)))
 
 
 def save_png(path: Path, image_hxwxc: np.ndarray) -> None:
