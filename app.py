@@ -11,16 +11,27 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 # No usage reports from Gradio: the app may run where only the user should see what it does.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from config import DEVICES  # noqa: E402
+import torch  # noqa: E402
 
-if TYPE_CHECKING:
-    from webapp.service import Studio
+from config import DEVICES  # noqa: E402
+from webapp.plan import ServerSettings  # noqa: E402
+from webapp.service import AppOptions, Studio  # noqa: E402
+from webapp.uploads import UploadLimits  # noqa: E402
+
+# The page needs gradio, which is optional (requirements-app.txt): without it `python app.py` stops
+# with its import error and the install command.
+try:
+    from webapp import ui
+except ImportError as _error:
+    ui = None
+    _ui_import_error: ImportError | None = _error
+else:
+    _ui_import_error = None
 
 
 def _positive(text: str) -> float:
@@ -52,7 +63,6 @@ def gpu_slots(workers: int | None, device: str | None) -> tuple[tuple[str | None
     """(one entry per worker: its CUDA_VISIBLE_DEVICES value or None, whether a GPU is used)."""
     count = 0
     if device != "cpu":
-        import torch
         count = torch.cuda.device_count()
     if count == 0:
         return (None,) * (workers or 1), False
@@ -77,12 +87,8 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def make_studio(args: argparse.Namespace) -> tuple["Studio", bool]:
+def make_studio(args: argparse.Namespace) -> tuple[Studio, bool]:
     """The app's runs and uploads as the command line sets them; whether runs use a GPU."""
-    from webapp.plan import ServerSettings
-    from webapp.service import AppOptions, Studio
-    from webapp.uploads import UploadLimits
-
     # Runs start in the project folder: a local model folder named relative to here must stay found.
     model = args.sd_model
     if model and Path(model).exists():
@@ -95,10 +101,9 @@ def make_studio(args: argparse.Namespace) -> tuple["Studio", bool]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        from webapp import ui
-    except ImportError as e:
-        print(f"error: the web app needs gradio ({e}); pip install -r requirements-app.txt", file=sys.stderr)
+    if ui is None:
+        print(f"error: the web app needs gradio ({_ui_import_error}); pip install -r requirements-app.txt",
+              file=sys.stderr)
         return 2
     studio, have_gpu = make_studio(args)
     # SIGTERM (a service manager, a test) stops like Ctrl-C, so runs are stopped and uploads removed.

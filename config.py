@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from geometry import registry as geometry_registry
+from guidance import registry as guidance_registry
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 
 MODES = ("geometry_modeling", "appearance_modeling")
 INIT_SHAPES = ("ellipsoid", "cylinder", "custom_mesh")
 BACKGROUNDS = ("black", "white", "checker", "reference")
-GUIDANCES = ("stable_diffusion", "target_mesh")
 DEVICES = ("auto", "cuda", "cpu")
 BACKENDS = ("auto", "torch", "nvdiffrast")
 ENCODER_BACKENDS = ("auto", "torch", "triton", "tcnn")
@@ -106,6 +108,22 @@ def string(allow_none: bool = False) -> Callable[[Any], str | None]:
             raise _Bad(desc)
         return v
     check.desc = desc  # type: ignore[attr-defined]
+    return check
+
+
+def registered(what: str, names: Callable[[], tuple[str, ...]], builtin: tuple[str, ...], where: str
+               ) -> Callable[[Any], str]:
+    """A name in a registry (`names()`: the built-in ones, and any a program registered before it
+    loaded the config; `where` is the registry's module, for the docs)."""
+    def check(v: Any) -> str:
+        known = names()
+        if not isinstance(v, str) or v not in known:
+            close = difflib.get_close_matches(v, known, n=1, cutoff=0.5) if isinstance(v, str) else []
+            hint = f" (did you mean {json.dumps(close[0])}?)" if close else ""
+            raise _Bad("one of " + ", ".join(json.dumps(n) for n in known) + hint)
+        return v
+    check.desc = (f"a registered {what}: " + ", ".join(json.dumps(n) for n in builtin)  # type: ignore[attr-defined]
+                  + f", or a name a program registered ({where})")
     return check
 
 
@@ -278,6 +296,38 @@ class Config:
     guidance_weight: float = _k(100, number(0.0, lo_open=True),
                                 "classifier-free guidance scale s: eps = eps_uncond + s (eps_text - eps_uncond). "
                                 "Lower it if steps are skipped for non-finite gradients")
+    perp_neg: bool = _k(False, boolean,
+                        "Perp-Neg against multi-face (Janus) shapes (Armandpour et al. 2023). Per camera, with d = "
+                        "|azimuth| in degrees and F, S, K the front, side and back view prompts (the "
+                        "add_directional_text prompts, used whether or not that key is set): the prompt embedding "
+                        "is pos = r F + (1 - r) S with r = 1 - d/90 when d < 90 (negatives n1 = F, n2 = S), else "
+                        "pos = r S + (1 - r) K with r = 2 - d/90 (negatives n1 = S, n2 = F); then eps = eps_u + s "
+                        "(e_pos + w1 perp(e_1, e_pos) + w2 perp(e_2, e_pos)) with e_pos = eps_pos - eps_u, e_i = "
+                        "eps_ni - eps_u, perp(x, y) = x - (<x, y> / max(<y, y>, 1e-6)) y per sample, s = "
+                        "guidance_weight and w1, w2 from perp_neg_decay. Cost: the UNet runs on 4 x batch rows "
+                        "instead of 2 x batch, about twice its time and activation memory per step", ours=True)
+    perp_neg_decay: list = _k([[4.0, 0.5, -2.426], [4.0, 0.5, -2.426], [1.0, 0.5, -0.606], [1.0, 0.5, 0.967]],
+                              vector(4, vector(3, _float, "numbers"), "[a, b, c] triples of numbers"),
+                              "Perp-Neg's negative weights w = -(a exp(-b x) + c), one [a, b, c] per case: "
+                              "d < 90: n1 (front) at x = r, n2 (side) at x = 1 - r; d >= 90: n1 (side) at x = r, "
+                              "n2 (front) at x = r (d, r as in perp_neg). The defaults are threestudio's values "
+                              "for Stable Diffusion: at the front view the side prompt weighs -1.57, at the side "
+                              "view the front prompt -1.57, at the back the side -0.39 and the front -1.97",
+                              ours=True)
+    prompt_debias: bool = _k(False, boolean,
+                             "view-dependent prompt debiasing (Hong et al. 2023), once before training: a masked "
+                             "language model (prompt_debias_model) gives p(v) = P(v | prompt), the probability of "
+                             'the view word v (front, side, back) at the [MASK] of "This image is depicting a '
+                             '[MASK] view of {text}", normalized over the three words, and q_w(v), the same with '
+                             "the word w removed from text; w is left out of view v's prompt when p(v) / (0.5 "
+                             "q_w(v) + 0.5 p(v)) < 0.95, i.e. when q_w(v) > 1.105 p(v) (threestudio's rule). The "
+                             "three debiased prompts, printed when the model loads, replace text per view; "
+                             "add_directional_text (or perp_neg) appends the view text to them", ours=True)
+    prompt_debias_model: str = _k("bert-base-uncased", string(),
+                                  "the masked language model of prompt_debias: a hub id (read from the Hugging Face "
+                                  "cache, downloaded when missing unless HF_HUB_OFFLINE=1) or a local transformers "
+                                  "folder (config.json, model.safetensors, vocab.txt); its tokenizer must hold "
+                                  "front, side and back as single tokens. Read only with prompt_debias", ours=True)
     sds_weight_strategy: int = _k(0, choice(0, 1, 2),
                                   "appearance: the SDS weight w(t), with a = alphas_cumprod[t]: 0: sqrt(a) (1 - a); "
                                   "1: 1 / (1 - a); 2: 0 up to coarse_iter, then 1. Geometry always uses 1 - a (coarse "
@@ -292,7 +342,8 @@ class Config:
                        "missing unless HF_HUB_OFFLINE=1) or a local diffusers folder (relative to the working "
                        "directory). The default holds the weights of stabilityai/stable-diffusion-2-1-base, which "
                        "the published code names and which was withdrawn from the hub", ours=True)
-    guidance: str = _k("stable_diffusion", choice(*GUIDANCES),
+    guidance: str = _k("stable_diffusion", registered("guidance", guidance_registry.names, guidance_registry.BUILTIN,
+                                                             "guidance/registry.py"),
                        "what guides training: stable_diffusion (the prompt) or target_mesh (the exact denoiser of "
                        "renders of target_mesh: tests and evaluation without diffusion weights)", ours=True)
     target_mesh: str | None = _k(None, path_or_none, "the mesh whose renders guide training under guidance="
@@ -308,9 +359,14 @@ class Config:
     cam_near_far: list = _k([1, 50], vector(2, number(0.0, lo_open=True), "positive numbers", ordered=True),
                             "near and far clip planes of every camera")
 
+    geometry: str = _k(geometry_registry.DEFAULT, registered("surface representation", geometry_registry.names,
+                                                             geometry_registry.BUILTIN, "geometry/registry.py"),
+                       "the surface representation the geometry phase trains: dmtet (a deformable tet grid "
+                       "whose SDF network's zero level is extracted by marching tets), or one a program "
+                       "registered", ours=True, section="geometry")
     dmtet_grid: int = _k(64, integer(8, 512), "tet grid resolution N, an even number: N/2 cells per axis, about "
                          "(N/2 + 1)^3 vertices and 6 (N/2)^3 tets (128: about 275k vertices, 1.5M tets). Finer "
-                         "grids resolve thinner parts and cost memory and time", section="geometry")
+                         "grids resolve thinner parts and cost memory and time")
     dmtet_grid_coarse: int | None = _k(None, nullable(integer(8, 512)),
                                        "tet grid (even) of the coarse stage, e.g. 64 under dmtet_grid=128: the same "
                                        "SDF network is sampled on it until coarse_iter, then on dmtet_grid. Meant for "

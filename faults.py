@@ -20,6 +20,8 @@ import signal
 from dataclasses import dataclass
 from functools import lru_cache
 
+from run_status import TrainingError
+
 ENV = "F3D_TEST_FAULT"
 ACTIONS = ("SIGINT", "SIGTERM", "SIGKILL", "error")
 
@@ -63,7 +65,6 @@ def point(name: str, n: int) -> None:
 
 def _do(fault: Fault, rank: int) -> None:
     if fault.action == "error":
-        from trainer import TrainingError
         raise TrainingError(f"test fault at {fault.point} {fault.n} on rank {rank} ({ENV})")
     # raise_signal runs the Python handler before it returns: the run reacts at this exact point.
     signal.raise_signal(getattr(signal, fault.action))

@@ -10,18 +10,22 @@ folder behind. `preflight` checks, in about two seconds on a CPU and without cre
    under guidance=target_mesh) with `render.mesh.load_mesh`, HDR maps (`envmap`, `relight`,
    display relight layers) decoded with `render.light.check_envmap`;
 3. a local `sd_model` folder's parts (model_index.json, unet/ vae/ text_encoder/ tokenizer/
-   scheduler/ with their config files and weights) with `sd.check_model_folder`, without loading
-   weights or importing diffusers. A hub id is left to the loader (it needs the network).
+   scheduler/ with their config files and weights) with `model_files.check_model_folder`, without
+   loading weights or importing torch or diffusers. A hub id is left to the loader (it needs the
+   network);
+4. tensorboard=on: the tensorboard package is installed (found, not imported).
 
 Each failure is a `PreflightError`, a `config.ConfigError` of one line naming the key, the file and
 the fix: train.py prints it as `error: ...` and exits 2, for a run and for `--check` alike.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
 
+import model_files
 from config import Config, ConfigError, check_files, named_files, resolve_path
 
 MESH_KEYS = ("base_mesh", "target_mesh")
@@ -49,13 +53,15 @@ def preflight(cfg: Config, config_path: str | os.PathLike | None) -> None:
     """Check everything the run of `cfg` (read from `config_path`) needs before any model loads.
 
     Cheap checks come first: the named files exist (config.check_files, whose messages users know),
-    the run folder can be written, then the model folder's parts and the files' contents (these
-    import torch, ~1.5 s). Creates nothing: the one write probe (as root, see `_unwritable_reason`)
-    removes its file. Raises PreflightError (or the ConfigError of check_files), one line each.
+    the run folder can be written, tensorboard=on has its package, the model folder has its parts;
+    then the files' contents, whose readers import torch (~1.5 s) and only when a file is named.
+    Creates nothing: the one write probe (as root, see `_unwritable_reason`) removes its file.
+    Raises PreflightError (or the ConfigError of check_files), one line each.
     """
     check_files(cfg)
     if _writes_run_folder():
         check_run_folder(cfg.run_dir(config_path))
+    check_tensorboard(cfg.tensorboard)
     check_model_folder(cfg)
     check_file_contents(cfg)
 
@@ -147,7 +153,7 @@ def check_file_contents(cfg: Config) -> None:
 
 def check_mesh_file(key: str, path: Path) -> None:
     """`path` loads as a non-empty triangle mesh with finite vertices and in-range face indices."""
-    from render.mesh import load_mesh, validate_mesh  # torch: only when a mesh is named
+    from render.mesh import load_mesh, validate_mesh  # torch + trimesh (~2 s) only when a mesh is named
 
     try:
         validate_mesh(load_mesh(path), str(path))
@@ -157,7 +163,7 @@ def check_mesh_file(key: str, path: Path) -> None:
 
 def check_hdr_file(key: str, path: Path) -> None:
     """`path` decodes as a float RGB lat-long environment map."""
-    from render import light  # torch and OpenCV: only when an HDR map is named
+    from render import light  # torch + OpenCV (~2 s) only when an HDR map is named
 
     try:
         light.check_envmap(path)
@@ -170,26 +176,32 @@ def check_hdr_file(key: str, path: Path) -> None:
 # 3. The model folder
 # ------------------------------------------------------------------------------------------------
 def check_model_folder(cfg: Config) -> None:
-    """A local sd_model folder has every part the loader reads (sd.check_model_folder, the same
-    check sd.resolve_sd_model makes). Raises ModelFolderError."""
-    if cfg.guidance != "stable_diffusion" or _plain_hub_id(cfg.sd_model):
+    """A local sd_model folder has every part the loader reads (model_files.check_model_folder, the
+    same check model_files.resolve_sd_model makes), and so has a local prompt_debias_model when
+    prompt debiasing is on. A hub id is left to the loader (network). Raises ModelFolderError."""
+    if cfg.guidance != "stable_diffusion":
         return
-    import sd  # torch, not diffusers
+    checks = []
+    if model_files.is_local_model(cfg.sd_model):
+        checks.append(lambda: model_files.check_model_folder(cfg.sd_model))
+    if cfg.prompt_debias and model_files.is_local_masked_lm(cfg.prompt_debias_model):
+        checks.append(lambda: model_files.check_masked_lm_folder(cfg.prompt_debias_model))
+    for check in checks:
+        try:
+            check()
+        except model_files.InvalidModelFolderError as e:
+            raise ModelFolderError(_one_line(e)) from None
 
-    if not sd.is_local_model(cfg.sd_model):
-        return
-    try:
-        sd.check_model_folder(cfg.sd_model)
-    except sd.InvalidModelFolderError as e:
-        raise ModelFolderError(_one_line(e)) from None
 
-
-def _plain_hub_id(sd_model: str) -> bool:
-    """`owner/name` and not on disk: sd.resolve_sd_model fetches it from the hub (network, not
-    checked here). Decided without importing sd, whose torch import would triple a --check's time;
-    any other value goes to sd.is_local_model, which decides."""
-    return (sd_model.count("/") == 1 and not sd_model.startswith(("/", ".", "~"))
-            and not Path(sd_model).expanduser().exists())
+# ------------------------------------------------------------------------------------------------
+# 4. Optional packages the config asks for
+# ------------------------------------------------------------------------------------------------
+def check_tensorboard(mode: str) -> None:
+    """tensorboard=on without the package stops before any model loads. The package is looked up,
+    not imported (tb_log imports it with torch; tensorboard=auto simply skips it when missing)."""
+    if mode == "on" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard=on needs the tensorboard package, which is not installed: "
+                          "pip install tensorboard, or set tensorboard=auto (or off)")
 
 
 def _one_line(error: BaseException) -> str:

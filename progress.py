@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 
 @dataclass
 class ProgressOptions:
@@ -34,7 +36,6 @@ def bar(total: int | None, desc: str, unit: str = "it", initial: int = 0, show_a
 
     `show_at_once`: draw it from the start (training, pretraining: the user waits for the first
     number) instead of after OPTIONS.delay_s."""
-    from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True,
                 mininterval=OPTIONS.min_interval_s, delay=0 if show_at_once else OPTIONS.delay_s,
                 disable=not OPTIONS.enabled)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from config import write_json_atomic
 
@@ -34,6 +36,10 @@ def signal_exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
+class TrainingError(RuntimeError):
+    """A run cannot continue; the message says what happened and what to try (exit 1, no traceback)."""
+
+
 class RunInterrupted(Exception):
     """A signal stopped the run where it cannot stop at a step boundary (before or after the
     training loop, or a second Ctrl-C): raised by RunSignals from wherever the run was."""
@@ -43,15 +49,84 @@ class RunInterrupted(Exception):
         self.signum = int(signum)
 
 
+# ------------------------------------------------------------------------------------------------
+# Where the time goes
+# ------------------------------------------------------------------------------------------------
+# status.json's "timings_s": the run's wall time per category, so a person (or scripts/asset_time.py)
+# sees what an asset costs: loading, pretraining, each training stage, the save points and the
+# outputs. The activities a run reports fall into them by this rule:
+#   "the start", "model loading", "preparation"      -> load (also what compiles while loading, e.g.
+#                                                       nvdiffrast's CUDA extension)
+#   "SDF pretraining"                                -> sdf_pretraining
+#   "training iteration N (S stage)"                 -> S without "geometry_": coarse, fine, appearance
+#                                                       (a stage of another phase keeps its own name)
+#   "validation of iteration N"                      -> validation
+#   "the checkpoint write of iteration N"            -> checkpoints
+#   "the export", "the turntable video"              -> export, video
+#   anything else                                    -> other
+# Work compiled or captured on first use (Triton kernels, the UNet's CUDA graph) counts where it
+# first runs. On CUDA the host runs ahead of the device by at most one training step (its reads
+# are one step late and nothing here synchronizes), so a boundary between categories is accurate
+# to about one step.
+TIMING_CATEGORIES = ("load", "sdf_pretraining", "coarse", "fine", "appearance", "validation", "checkpoints",
+                     "export", "video", "other")
+_FIXED_CATEGORIES = {"the start": "load", "model loading": "load", "preparation": "load",
+                     "SDF pretraining": "sdf_pretraining", "the export": "export", "the turntable video": "video"}
+_TRAINING = re.compile(r"training iteration \d+ \((?:geometry_)?(.+) stage\)")
+
+
+def timing_category(activity: str) -> str:
+    """The category an activity's time is charged to (the rule above)."""
+    fixed = _FIXED_CATEGORIES.get(activity)
+    if fixed is not None:
+        return fixed
+    training = _TRAINING.fullmatch(activity)
+    if training is not None:
+        return training.group(1)
+    if activity.startswith("validation"):
+        return "validation"
+    if activity.startswith("the checkpoint write"):
+        return "checkpoints"
+    return "other"
+
+
 @dataclass
 class RunProgress:
-    """What the run has done so far: the facts its ending and status.json report."""
+    """What the run has done so far: the facts its ending and status.json report.
+
+    Setting `activity` charges the wall time since the previous change to the previous activity's
+    category (`timings_s`, the rule above): one clock read per change, no device synchronize."""
     total: int                           # the config's iter
     activity: str = "the start"          # what it is doing now, e.g. "SDF pretraining"
     iteration: int = 0                   # the last finished (logged) training iteration
     checkpoint_it: int | None = None     # iteration of the checkpoint this run wrote or resumed from
     checkpoint_path: Path | None = None
     export_dir: Path | None = None       # set once the mesh is exported
+    timings_s: dict[str, float] = field(default_factory=dict, compare=False)   # category -> seconds
+    clock: Callable[[], float] = field(default=time.perf_counter, repr=False, compare=False)
+    # When the timings begin (Unix time): a launcher compares it with its own start to see how long
+    # the process took to get here (interpreter, imports, process group).
+    timing_start_unix_s: float = field(default_factory=time.time, compare=False)
+
+    def __post_init__(self) -> None:
+        self._since = self.clock()       # when the current activity began
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "activity" and "_since" in self.__dict__:
+            self._charge()
+        super().__setattr__(name, value)
+
+    def _charge(self) -> None:
+        """Add the time since the last charge to the current activity's category."""
+        now = self.clock()
+        key = timing_category(self.activity)
+        self.timings_s[key] = self.timings_s.get(key, 0.0) + (now - self._since)
+        self._since = now
+
+    def timings(self) -> dict[str, float]:
+        """Seconds per category up to now, the current activity's time so far included."""
+        self._charge()
+        return {key: round(seconds, 3) for key, seconds in self.timings_s.items()}
 
 
 @dataclass(frozen=True)
@@ -84,7 +159,8 @@ class RunStatus:
             "state": state, "iteration": progress.iteration, "iterations": progress.total,
             "checkpoint_iteration": progress.checkpoint_it, "activity": progress.activity, "message": message,
             "exit_code": exit_code, "signal": None if signum is None else signal_name(signum),
-            "started": self.started, "updated": _now(), "pid": os.getpid(), "host": socket.gethostname()})
+            "started": self.started, "updated": _now(), "pid": os.getpid(), "host": socket.gethostname(),
+            "timings_s": progress.timings(), "timing_start_unix_s": progress.timing_start_unix_s})
 
 
 def _now() -> str:
@@ -167,6 +243,17 @@ class RunSignals:
             arrived, self._held = self._held, outer
             for signum in arrived:
                 self._handle(signum, None)
+
+
+@dataclass
+class RunContext:
+    """What a run's ending needs from the loop: the progress so far, status.json and the signals.
+    Trainers built without one (tests, benchmarks) get a silent context: status.json stays off
+    until enabled, and signals never entered install no handlers, so they never ask for a stop and
+    hold nothing back."""
+    progress: RunProgress
+    status: RunStatus
+    signals: RunSignals = field(default_factory=lambda: RunSignals(announce=False))
 
 
 # ------------------------------------------------------------------------------------------------

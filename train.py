@@ -15,7 +15,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from config import ConfigError, load_config
 from preflight import preflight
-from tb_log import require as require_tensorboard
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,17 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        # Before any model loads, for a run and --check alike: a bad file, run folder or model
-        # folder costs a second and leaves nothing behind (exit 2).
+        # Before any model loads, for a run and --check alike: a bad file, run folder, model
+        # folder or a missing package the config asks for costs a second and leaves nothing behind (exit 2).
         preflight(cfg, args.config)
-        require_tensorboard(cfg.tensorboard)   # tensorboard=on without the package
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.check:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    import trainer  # heavy imports (torch, diffusers) only when training
+    import trainer  # only to train: torch and diffusers load in seconds that --check and config errors must not cost
     return trainer.run(cfg, config_path=args.config)
 
 

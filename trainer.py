@@ -1,59 +1,50 @@
 """The training loop shared by both phases.
 
 cameras -> phase.step (render + guidance) -> accumulate over camera-sector micro-steps ->
-all-reduce gradients -> optimizer step; with progress, a JSON-lines log, validation images,
-atomic checkpoints, exact resume, the final export, and an ending for every run: finished,
-interrupted (SIGINT, SIGTERM) or failed, told in one line and in the run folder's status.json
-(run_status.py).
+all-reduce gradients -> optimizer step; with progress, the run's log (run_log.py), validation
+images, atomic checkpoints and exact resume (checkpoint.py), the final export, and an ending for
+every run: finished, interrupted (SIGINT, SIGTERM) or failed, told in one line and in the run
+folder's status.json (run_status.py).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
+import imageio.v2 as iio2
+import imageio.v3 as iio
 import numpy as np
 import torch
 
 import distributed
-import tb_log
 import faults
 import progress
-from config import Config, resolve_path, write_json_atomic, write_text_atomic
-from dataset.cameras import (CameraBatch, CameraOptions, azimuth_sector, sample_train_cameras,
+from checkpoint import Checkpoints, State
+from config import Config, write_json_atomic
+from dataset.cameras import (CameraOptions, azimuth_sector, sample_train_cameras,
                              turntable_cameras, validation_cameras)
 from geometry.hashgrid import published_adamw
-from run_status import (EXIT_ERROR, EXIT_OUT_OF_MEMORY, RunEnd, RunInterrupted, RunProgress, RunSignals, RunStatus,
-                        failed, finished, stopped_at_once, stopped_between_steps)
+from phases import USER_ERRORS, build_phase
+from phases.base import Phase, StepResult
+from run_log import RunLog, param_checksum, rewrite_log  # noqa: F401  rewrite_log: also importable from here
+from run_status import (EXIT_ERROR, EXIT_OUT_OF_MEMORY, RunContext, RunEnd, RunInterrupted, RunProgress, RunSignals,
+                        RunStatus, TrainingError, failed, finished, stopped_at_once, stopped_between_steps)
 
-CHECKPOINT_NAME = "last.pt"
-PREVIOUS_CHECKPOINT_NAME = "previous.pt"   # a fresh run sets an earlier run's last.pt aside under this name
-
-
-class TrainingError(RuntimeError):
-    """A run cannot continue; the message says what happened and what to try."""
-
-
-# ------------------------------------------------------------------------------------------------
-# What a phase provides
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class StepResult:
-    loss: torch.Tensor              # 0-dim; backward() puts the SDS gradient into the parameters
-    sds: Any                        # the sd.SDSResult: its device-side stats are read one step later
-    # The phase's values for the log (device tensors, or CPU tensors that go with them): read one
-    # step later, so the host never waits for them, and turned into log entries by
-    # phase.read_step. Taken from the last micro-step: they describe the step's parameters, which
-    # micro-steps share.
-    device_values: dict[str, torch.Tensor] = field(default_factory=dict)
+# The ffmpeg binary imageio's FFMPEG writer uses for video.mp4: optional, as a run with
+# video_frames=0 needs none; check_video_writer refuses a run that needs it, with this error.
+try:
+    import imageio_ffmpeg  # noqa: F401
+    FFMPEG_IMPORT_ERROR: ImportError | None = None
+except ImportError as e:
+    FFMPEG_IMPORT_ERROR = e
 
 
 class HostCopy:
@@ -92,23 +83,6 @@ class QueuedStep:
     device_names: list[str]         # then the phase's device_values under these names
 
 
-class Phase(Protocol):
-    name: str
-    lr: float
-    prepare_activity: str           # what prepare() does, for the ending's "stopped during ..."
-
-    def parameters(self) -> list[torch.nn.Parameter]: ...
-    def stage(self, it: int) -> str: ...
-    def prepare(self, resumed: bool) -> None: ...
-    def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult: ...
-    def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]: ...
-    def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]: ...
-    def turntable_frames(self, cams: CameraBatch) -> np.ndarray: ...
-    def export(self, out_dir: Path) -> list[Path]: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
 # ------------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------------
@@ -127,57 +101,9 @@ def accumulation_plan(emulate_gpus: int | None, world_size: int) -> tuple[int, i
     return k, k // world_size
 
 
-def save_atomic(obj: Any, path: Path, before_replace: Callable[[], None] | None = None) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint,
-    and an error while writing (a full disk) leaves no temporary file (`before_replace`: a test hook)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def rewrite_log(path: Path, upto: int) -> None:
-    """Keep the log's records of iterations 1..`upto` (where the run starts: the checkpoint's
-    iteration, 0 when fresh), one per iteration, written back atomically. The run appends from
-    there, so the log never holds an iteration twice, whatever an earlier run logged after its
-    last checkpoint. A line cut short by a kill is dropped."""
-    if not path.exists():
-        return
-    kept: dict[int, str] = {}
-    for line in path.read_text().splitlines():
-        try:
-            it = json.loads(line).get("it")
-        except (json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(it, int) and 1 <= it <= upto:
-            kept[it] = line                  # a later line of the same iteration replaces an earlier one
-    write_text_atomic(path, "".join(kept[it] + "\n" for it in sorted(kept)))
-
-
 def save_png(path: Path, image_hxwxc: np.ndarray) -> None:
-    import imageio.v3 as iio
     path.parent.mkdir(parents=True, exist_ok=True)
     iio.imwrite(path, image_hxwxc)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[..., C] floats in [0, 1] -> uint8 numpy."""
-    return (images.detach().clamp(0, 1) * 255 + 0.5).to(torch.uint8).cpu().numpy()
-
-
-@dataclass
-class RunContext:
-    """What a run's ending needs from the loop: the progress so far, status.json and the signals.
-    Trainers built without one (tests, benchmarks) get a silent context."""
-    progress: RunProgress
-    status: RunStatus
-    signals: RunSignals | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,12 +130,9 @@ class Trainer:
         self.start_it = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
-        self.log_path = run_dir / "log.jsonl"
-        self.tb = tb_log.open_for_run(cfg.tensorboard, run_dir, info.is_main)   # TensorBoard mirror of the run
-        # CUDA timing: events of steps not yet logged, and the one log record held back until its
-        # end event has passed (written by the next log() or flush_log()).
-        self._step_events: dict[int, tuple[Any, Any]] = {}
-        self._pending_record: dict[str, Any] | None = None
+        self.checkpoints = Checkpoints(run_dir, info, cfg.mode, generators, self.context)
+        self.run_log = RunLog(cfg, info, run_dir, self.params)
+        self.tb = self.run_log.tb   # validation images, the mesh and the video join the log's scalars
         if info.world_size * self.micro_steps < 4:
             warnings.warn(f"each optimizer step draws cameras from {info.world_size * self.micro_steps} sector "
                           f"draw(s), fewer than the 4 (front/left/back/right) the published multi-GPU runs "
@@ -220,87 +143,38 @@ class Trainer:
     # -------------------------------------------------------------------------------- checkpoints
     @property
     def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / CHECKPOINT_NAME
-
-    def _rng_state(self) -> dict[str, Any]:
-        return {"cam": self.cam_gen.get_state(), "noise": self.noise_gen.get_state(),
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(self.info.device) if self.info.device.type == "cuda" else None}
+        return self.checkpoints.path
 
     def save_checkpoint(self, it: int) -> None:
-        # Collective: every rank contributes its RNG streams; rank 0 writes.
-        rng = distributed.gather_objects(self._rng_state(), self.info)
+        """Collective: every rank contributes its random streams; rank 0 writes last.pt."""
+        rng = self.checkpoints.gather_rng()
         # The log first (CUDA holds the last record back): a run killed after this checkpoint still
         # has every iteration up to it in the log.
         self.flush_log()
-        run = self.context.progress
-        with self._signals_held():   # a checkpoint being written is finished, and recorded, first
-            if self.info.is_main:
-                run.activity = f"the checkpoint write of iteration {it}"
-                save_atomic({"it": it, "config": self.cfg.to_dict(), "phase": self.phase.state_dict(),
-                             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                             "rng": rng, "world_size": self.info.world_size, "skipped_total": self.skipped_total},
-                            self.checkpoint_path, before_replace=lambda: faults.point("checkpoint", it))
-            run.checkpoint_it, run.checkpoint_path = it, self.checkpoint_path
-            self.context.status.write("running", run, f"checkpoint of iteration {it} saved")
+        self.checkpoints.write(it, self._state, rng)
 
-    def _start(self) -> None:
-        """Resume (resume=auto with no checkpoint yet: start over, as after an interrupt during the
-        SDF pretraining), or start fresh; then bring the log to the starting iteration."""
-        spec = self.cfg.resume
-        if spec == "auto" and not self.checkpoint_path.is_file():
-            self._say(f"resume=auto: no checkpoint in {self.checkpoint_path.parent} yet; starting from the beginning")
-            spec = None
-        if spec:
-            self.resume(spec)
-            run = self.context.progress
-            run.iteration = run.checkpoint_it = self.start_it
-            run.checkpoint_path = self.checkpoint_path if spec == "auto" else resolve_path(spec)
-        else:
-            self._set_aside_earlier_checkpoint()
-        if self.info.is_main:
-            rewrite_log(self.log_path, self.start_it)
-        self.context.status.write("running", self.context.progress,
-                                  f"resumed at iteration {self.start_it}" if self.start_it else "started")
+    def _state(self) -> State:
+        """What a checkpoint holds of the run besides its iteration and random streams."""
+        return {"config": self.cfg.to_dict(), "phase": self.phase.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "skipped_total": self.skipped_total}
 
-    def _set_aside_earlier_checkpoint(self) -> None:
-        """A fresh run in a folder that holds an earlier run's last.pt: keep it as previous.pt, so
-        resume=auto never continues the earlier run after this one is interrupted before its
-        first checkpoint (its log, rewritten below, would no longer match)."""
-        if not (self.info.is_main and self.checkpoint_path.is_file()):
-            return
-        previous = self.checkpoint_path.with_name(PREVIOUS_CHECKPOINT_NAME)
-        os.replace(self.checkpoint_path, previous)
-        self._say(f"starting over: the earlier run's checkpoint is now {previous} (resume=auto continues a run)")
-
-    def _say(self, line: str) -> None:
-        if self.info.is_main:
-            print(line, file=sys.stderr, flush=True)
-
-    def resume(self, spec: str) -> None:
-        path = self.checkpoint_path if spec == "auto" else resolve_path(spec)
-        if not path.is_file():
-            raise TrainingError(f"resume: checkpoint not found: {path} "
-                                f"({'no checkpoint in this run folder yet' if spec == 'auto' else 'check the path'})")
-        state = torch.load(path, map_location=self.info.device, weights_only=False)
-        if state["config"]["mode"] != self.cfg.mode:
-            raise TrainingError(f"resume: {path} is a {state['config']['mode']} checkpoint, this run is {self.cfg.mode}")
+    def _load_state(self, state: State) -> None:
         self.phase.load_state_dict(state["phase"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        self.start_it = int(state["it"])
         self.skipped_total = int(state.get("skipped_total", 0))
-        rngs = state["rng"]
-        if len(rngs) != self.info.world_size:
-            warnings.warn(f"resume: checkpoint written by {len(rngs)} processes, running {self.info.world_size}; "
-                          "random streams restart from the seed (the run continues, not bit-for-bit)")
-            return
-        mine = rngs[self.info.rank]
-        self.cam_gen.set_state(mine["cam"].cpu())
-        self.noise_gen.set_state(mine["noise"].cpu())
-        torch.set_rng_state(mine["torch"].cpu())
-        if mine["cuda"] is not None and self.info.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"].cpu(), self.info.device)
+
+    def _start(self) -> None:
+        """Resume or start fresh (checkpoint.py), then bring the log to the starting iteration."""
+        self.start_it = self.checkpoints.start(self.cfg.resume, self._load_state)
+        self.run_log.cut_back(self.start_it)
+        self.context.status.write("running", self.context.progress,
+                                  f"resumed at iteration {self.start_it}" if self.start_it else "started")
+
+    def resume(self, spec: str) -> None:
+        """Continue from the checkpoint `spec` ("auto": this run folder's, or a path)."""
+        self.start_it = self.checkpoints.resume(spec, self._load_state)
 
     # -------------------------------------------------------------------------------- one step
     def _micro_step(self, it: int, j: int) -> tuple[StepResult, list[float]]:
@@ -327,18 +201,10 @@ class Trainer:
         elif all(bool(torch.isfinite(p.grad).all()) for p in self.params if p.grad is not None):
             self.optimizer.step()   # CPU: the same rule, checked on the host (no stream to stall)
 
-    def _start_timer(self) -> Any:
-        """CUDA events around the step instead of a device synchronize: the host runs ahead."""
-        if self.info.device.type != "cuda":
-            return None
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        return start
-
     def train_step(self, it: int, stop_signal: int = 0) -> QueuedStep:
         """Queue one optimizer step (no host read on CUDA); ``finish_step`` gives its log record."""
         t0 = time.perf_counter()
-        start_ev = self._start_timer()
+        timer = self.run_log.start_timer()
         self.optimizer.zero_grad(set_to_none=True)
         results, azimuths = [], []
         for j in range(self.micro_steps):
@@ -356,21 +222,14 @@ class Trainer:
         # inside it, at the rasterizer, for the device); log() replaces it with the device time
         # between the step's CUDA events, read one step late.
         ms = (time.perf_counter() - t0) * 1000
-        if start_ev is not None:
-            end_ev = torch.cuda.Event(enable_timing=True)
-            end_ev.record()
-            self._step_events[it] = (start_ev, end_ev)
-            for k in [k for k in self._step_events if k < it - 1]:   # never logged (e.g. a benchmark)
-                del self._step_events[k]
+        self.run_log.end_timer(it, timer)
         stats = torch.stack([r.sds.stats for r in results])            # [micro-steps, 2]
         dev = results[-1].device_values
         return QueuedStep(it, self.phase.stage(it), round(ms, 2), HostCopy([stats, tail, *dev.values()]), list(dev))
 
     def step_start_event(self, it: int) -> Any | None:
-        """The CUDA event recorded when step `it` began; None on CPU, and once the step's record is
-        logged (or two steps on, if it never is). Benchmarks time consecutive step starts with it."""
-        events = self._step_events.get(it)
-        return None if events is None else events[0]
+        """The CUDA event recorded when step `it` began (None on CPU): benchmarks time from it."""
+        return self.run_log.step_start_event(it)
 
     def finish_step(self, step: QueuedStep) -> dict[str, Any]:
         """The queued step's log record: loss, non-finite count, skipped, every rank's azimuths and
@@ -402,48 +261,24 @@ class Trainer:
                 "non-finite SDS gradients (NaN/inf). Try: a lower guidance_weight, a narrower time-step range, "
                 "device=cpu to rule out fp16 overflow, or resume from the last checkpoint.")
 
-    # -------------------------------------------------------------------------------- I/O (rank 0)
+    # -------------------------------------------------------------------------------- the log
+    @property
+    def log_path(self) -> Path:
+        return self.run_log.path
+
     def param_checksum(self) -> list[float]:
         """(sum, sum of squares) of all parameters in float64: equal on every rank iff in sync."""
-        with torch.no_grad():
-            flat = [p.detach().double().reshape(-1) for p in self.params]
-            return [float(sum(f.sum() for f in flat)), float(sum((f * f).sum() for f in flat))]
-
-    def log(self, record: dict[str, Any]) -> None:
-        if record["it"] % self.cfg.save_interval == 0 or record["it"] == self.cfg.iter:
-            # Collective, at save points only (cheap): every rank's parameter checksum, so the log
-            # shows that all ranks hold identical parameters.
-            record["param_checksum"] = distributed.gather_floats(self.param_checksum(), self.info)
-        if self.info.device.type == "cuda":
-            record["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(self.info.device) / 2**20, 1)
-        if record["it"] not in self._step_events:  # CPU (or a record made elsewhere): write it now
-            self._write_record(record)
-            return
-        # CUDA: hold this record back; the previous one's end event has passed by now (this step
-        # waited for the device), so its device time is read without a synchronize.
-        self.flush_log(wait=False)
-        self._pending_record = record
+        return param_checksum(self.params)
 
     def flush_log(self, wait: bool = True) -> None:
-        """Write the held-back record with its step's device time (waits for it when `wait`)."""
-        record, self._pending_record = self._pending_record, None
-        if record is None:
-            return
-        start, end = self._step_events.pop(record["it"], (None, None))
-        if end is not None and (wait or end.query()):
-            end.synchronize()
-            record["ms"] = round(start.elapsed_time(end), 2)
-        self._write_record(record)
+        """Write the log record held back for its step's CUDA time (waits for it when `wait`)."""
+        self.run_log.flush(wait)
 
-    def _write_record(self, record: dict[str, Any]) -> None:
-        if self.info.is_main:
-            with self.log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.tb.log_scalars(record["it"], record)
-
+    # -------------------------------------------------------------------------------- images (rank 0)
     def validate(self, it: int) -> None:
         if not (self.info.is_main and self.cfg.validate):
             return
+        self.context.progress.activity = f"validation of iteration {it}"
         res = self.cfg.display_res or self.cfg.train_res
         cams = validation_cameras(camera_options(self.cfg, res), self.info.device, n=4)
         with torch.no_grad():
@@ -455,7 +290,6 @@ class Trainer:
     def write_video(self) -> None:
         if not (self.info.is_main and self.cfg.validate and self.cfg.video_frames > 0):
             return
-        import imageio.v2 as iio2
         res = self.cfg.display_res or self.cfg.train_res
         cams = turntable_cameras(camera_options(self.cfg, res), self.info.device, self.cfg.video_frames)
         self.context.progress.activity = "the turntable video"
@@ -515,12 +349,12 @@ class Trainer:
         signal that stopped the loop early (0: none)."""
         cfg, run = self.cfg, self.context.progress
         it, queued, stop = self.start_it, None, 0
-        with self._stopping_at_steps(), _flushing(self):
+        with self.context.signals.stopping_at_steps(), self.run_log.flushed_at_end():
             while it < cfg.iter:
                 it += 1
                 run.activity = f"training iteration {it} ({self.phase.stage(it)} stage)"
                 faults.point("train", it)
-                step = self.train_step(it, stop_signal=self._stop_requested())
+                step = self.train_step(it, stop_signal=self.context.signals.requested)
                 # The previous step is read now, while this one runs on the device: the host never
                 # waits for the step it has just queued. All ranks read the same OR-ed stop flags,
                 # so they all stop after this step.
@@ -538,24 +372,12 @@ class Trainer:
                     break
         return it, stop
 
-    def _stopping_at_steps(self) -> Any:
-        signals = self.context.signals
-        return signals.stopping_at_steps() if signals is not None else contextlib.nullcontext()
-
-    def _signals_held(self) -> Any:
-        signals = self.context.signals
-        return signals.held() if signals is not None else contextlib.nullcontext()
-
-    def _stop_requested(self) -> int:
-        signals = self.context.signals
-        return signals.requested if signals is not None else 0
-
     def _report(self, step: QueuedStep, bar: Any) -> int:
         """Log a queued step's record and advance the progress bar; the signal that asks the run to
         stop after it (0: none)."""
         record = self.finish_step(step)
         stop = record.pop("stop")
-        self.log(record)
+        self.run_log.log(record)
         self.context.progress.iteration = record["it"]
         self._update_progress(bar, record)
         return stop
@@ -568,15 +390,6 @@ class Trainer:
             post["skipped"] = self.skipped_total
         bar.set_postfix(post, refresh=False)
         bar.update(1)
-
-
-@contextlib.contextmanager
-def _flushing(trainer: Trainer):
-    """Write the held-back log record when the loop ends, also when it ends with an error."""
-    try:
-        yield
-    finally:
-        trainer.flush_log()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -593,11 +406,10 @@ def check_video_writer(cfg: Config) -> None:
     """Fail before training, not after it, when the final turntable video cannot be written."""
     if not (cfg.validate and cfg.video_frames > 0):
         return
-    try:
-        import imageio_ffmpeg  # noqa: F401  the ffmpeg binary imageio's FFMPEG writer uses
-    except ImportError as e:
+    missing = FFMPEG_IMPORT_ERROR
+    if missing is not None:
         raise TrainingError(f"video_frames={cfg.video_frames} needs the imageio-ffmpeg package to write video.mp4 "
-                            f"({e}); install it (pip install imageio-ffmpeg) or set video_frames=0") from e
+                            f"({missing}); install it (pip install imageio-ffmpeg) or set video_frames=0") from missing
 
 
 def run(cfg: Config, config_path: str | None = None) -> int:
@@ -629,7 +441,6 @@ def run(cfg: Config, config_path: str | None = None) -> int:
 
 
 def _train(cfg: Config, info: distributed.DistInfo, run_dir: Path, context: RunContext) -> RunEnd:
-    from phases import build_phase  # heavy imports only when training
     check_video_writer(cfg)
     if info.is_main:
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
@@ -645,7 +456,6 @@ def _train(cfg: Config, info: distributed.DistInfo, run_dir: Path, context: RunC
 
 def _failure_end(e: BaseException, cfg: Config, info: distributed.DistInfo, context: RunContext) -> RunEnd | None:
     """How an exception ends the run; None for an unexpected one (a bug: re-raised)."""
-    from phases import user_errors
     run = context.progress
     if isinstance(e, RunInterrupted):
         return stopped_at_once(e.signum, run)
@@ -655,7 +465,7 @@ def _failure_end(e: BaseException, cfg: Config, info: distributed.DistInfo, cont
         return failed(out_of_memory_message(cfg, info, run), run, EXIT_OUT_OF_MEMORY, resumable=True)
     if isinstance(e, distributed.PeerFailure):
         return failed(str(e), run, resumable=True, root_cause=False)
-    if isinstance(e, (TrainingError, *user_errors())):
+    if isinstance(e, USER_ERRORS):
         return failed(str(e), run)
     return None
 

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for marching tets' classification (geometry.dmtet._classify_torch).
+"""Fused Triton kernels for marching tets' classification (geometry.marching_tets._classify_torch).
 
 The PyTorch reference takes ~29 kernels over the grid's ~1.5M tets and ~1.8M edges at grid 128
 (gathers, reductions, four counts); these two kernels give the same outputs, bit for bit (they
@@ -6,7 +6,8 @@ are integer and comparison ops only), in two passes: one over tets (corner code,
 crossing flag, the crossing and two-triangle counts) and one over edges and vertices (crossing
 flag and count, non-finite SDF count). Counts are int32 atomic sums: order-free, so exact.
 
-Imported lazily, with the hash grid's Triton kernels (DMTetGeometry with backend "triton").
+Imported by geometry/marching_tets.py where triton is installed; used with the hash grid's Triton
+kernels (DMTetGeometry with backend "triton").
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _classify_edges_kernel(sdf_ptr, edges_ptr, crossing_ptr, counts_ptr, E, V, B
 def classify_triton(sdf_v: torch.Tensor, tets_tx4: torch.Tensor, edges_ex2: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(code [T] uint8, n_in [T] uint8, active [T] bool, crossing [E] bool, counts [4] int64):
-    geometry.dmtet._classify_torch's outputs for sdf_v [V] float32, tets [T, 4] and edges [E, 2]
+    geometry.marching_tets._classify_torch's outputs for sdf_v [V] float32, tets [T, 4] and edges [E, 2]
     int64, all contiguous on one device (CUDA, or CPU under TRITON_INTERPRET=1)."""
     if sdf_v.dtype != torch.float32 or tets_tx4.dtype != torch.int64 or edges_ex2.dtype != torch.int64:
         raise TypeError(f"classify_triton: expected float32 sdf and int64 tets/edges, got {sdf_v.dtype}, "

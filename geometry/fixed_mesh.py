@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from render.mesh import Mesh, compute_tangents, compute_vertex_normals, load_mesh, unit_size
+from render.uv import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ class FixedMeshGeometry(nn.Module):
         if m.v_nrm is None or m.t_nrm_idx is None:
             m = compute_vertex_normals(m)
         if m.v_tex is None or m.t_tex_idx is None:
-            from render.uv import unwrap
-
             log.info("mesh %s has no UVs: unwrapping with xatlas (%d faces)", source,
                      m.t_pos_idx.shape[0])
             m = unwrap(m)

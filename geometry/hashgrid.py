@@ -15,78 +15,38 @@ Backends (same parameter layout, so they can be compared on shared weights):
 """
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-PRIMES = (1, 2654435761, 805459861)
+from geometry.hashgrid_layout import PRIMES, GridLayout, HashGridOptions
+
+# The optional backends, imported here once; the reason one is missing is kept for the error that
+# a request for it raises (make_encoder never falls back silently). Triton is GPU-only software:
+# CPU machines often lack it. Importing the kernels fixes their compiled or interpreted mode from
+# TRITON_INTERPRET, so a CPU check of the kernels sets it before importing this module.
+try:
+    from geometry.hashgrid_triton import hash_encode_triton
+except ImportError as _err:
+    hash_encode_triton = None
+    _TRITON_MISSING: str | None = f"triton is not importable ({_err})"
+else:
+    _TRITON_MISSING = None
+
+try:
+    import tinycudann as tcnn
+except ImportError as _err:
+    tcnn = None
+    _TCNN_MISSING: str | None = f"tiny-cuda-nn is not installed ({_err})"
+else:
+    _TCNN_MISSING = None
+
 BACKENDS = ("auto", "torch", "triton", "tcnn")
 
 
 class HashGridBackendError(RuntimeError):
     """The requested hash-grid backend cannot run here (missing package or device)."""
-
-
-@dataclass(frozen=True)
-class HashGridOptions:
-    n_levels: int = 16
-    n_features_per_level: int = 2
-    log2_hashmap_size: int = 19
-    base_resolution: int = 16
-    finest_resolution: int = 4096
-    init_scale: float = 1e-4  # table ~ U(-init_scale, init_scale), as tiny-cuda-nn
-
-    def __post_init__(self) -> None:
-        for name in ("n_levels", "n_features_per_level", "log2_hashmap_size", "base_resolution",
-                     "finest_resolution"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"HashGridOptions.{name}: expected a positive int; got {value!r}")
-        if self.finest_resolution < self.base_resolution:
-            raise ValueError(f"HashGridOptions.finest_resolution: expected >= base_resolution "
-                             f"({self.base_resolution}); got {self.finest_resolution}")
-        if self.log2_hashmap_size > 30:
-            raise ValueError(f"HashGridOptions.log2_hashmap_size: expected <= 30; "
-                             f"got {self.log2_hashmap_size}")
-
-    @property
-    def per_level_scale(self) -> float:
-        if self.n_levels == 1:
-            return 1.0
-        return math.exp(math.log(self.finest_resolution / self.base_resolution) / (self.n_levels - 1))
-
-    @property
-    def output_dim(self) -> int:
-        return self.n_levels * self.n_features_per_level
-
-    def level_resolutions(self) -> list[int]:
-        """Cells per axis N_l = floor(base * b^l); the 1e-6 guards 4095.9999 -> 4096 round-off."""
-        b = self.per_level_scale
-        return [int(math.floor(self.base_resolution * b ** lvl * (1 + 1e-9) + 1e-6))
-                for lvl in range(self.n_levels)]
-
-
-@dataclass(frozen=True)
-class GridLayout:
-    """Where each level lives in the flat parameter table [rows, F]."""
-    resolutions: tuple[int, ...]
-    sizes: tuple[int, ...]  # rows per level
-    offsets: tuple[int, ...]  # first row per level
-    dense: tuple[bool, ...]
-    hash_size: int
-    rows: int = field(default=0)
-
-    @staticmethod
-    def from_options(opts: HashGridOptions) -> "GridLayout":
-        hash_size = 2 ** opts.log2_hashmap_size
-        res = opts.level_resolutions()
-        dense = tuple((n + 1) ** 3 <= hash_size for n in res)
-        sizes = tuple((n + 1) ** 3 if d else hash_size for n, d in zip(res, dense))
-        offsets = tuple(sum(sizes[:i]) for i in range(len(sizes)))
-        return GridLayout(tuple(res), sizes, offsets, dense, hash_size, sum(sizes))
 
 
 def published_adamw(params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
@@ -187,9 +147,12 @@ class TritonHashGridEncoder(HashGridEncoder):
 
     backend = "triton"
 
-    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
-        from geometry.hashgrid_triton import hash_encode_triton
+    def __init__(self, aabb_2x3: torch.Tensor, opts: HashGridOptions) -> None:
+        if _TRITON_MISSING:
+            raise HashGridBackendError(f"TritonHashGridEncoder: {_TRITON_MISSING}")
+        super().__init__(aabb_2x3, opts)
 
+    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
         _check_points(x_nx3)
         _check_triton_device(x_nx3.device)
         return hash_encode_triton(x_nx3, self.table, self.aabb, self.layout)
@@ -203,8 +166,9 @@ class TcnnHashGridEncoder(nn.Module):
 
     def __init__(self, aabb_2x3: torch.Tensor, opts: HashGridOptions) -> None:
         super().__init__()
-        import tinycudann as tcnn  # availability checked by make_encoder
-
+        reason = tcnn_unavailable_reason(aabb_2x3.device)
+        if reason:
+            raise HashGridBackendError(f"TcnnHashGridEncoder: {reason}")
         _check_aabb(aabb_2x3)
         self.opts = opts
         self.register_buffer("aabb", aabb_2x3.detach().to(torch.float32).clone())
@@ -257,11 +221,8 @@ def make_encoder(aabb_2x3: torch.Tensor, opts: HashGridOptions | None = None,
 
 
 def triton_unavailable_reason() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as err:
-        return f"triton is not importable ({err})"
-    return None
+    """Why the Triton kernels cannot be used in this process (None: they can)."""
+    return _TRITON_MISSING
 
 
 def triton_interpreter_active() -> bool:
@@ -269,10 +230,9 @@ def triton_interpreter_active() -> bool:
 
 
 def tcnn_unavailable_reason(device: torch.device) -> str | None:
-    try:
-        import tinycudann  # noqa: F401
-    except ImportError as err:
-        return f"tiny-cuda-nn is not installed ({err})"
+    """Why tiny-cuda-nn cannot encode points on `device` (None: it can)."""
+    if _TCNN_MISSING:
+        return _TCNN_MISSING
     if device.type != "cuda":
         return f"tiny-cuda-nn runs on CUDA only and the AABB is on {device}"
     return None

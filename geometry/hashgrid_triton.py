@@ -9,7 +9,7 @@ more than the L2 cache). A backward that needs the input gradient instead loops 
 in one program, which keeps that gradient a plain store (no atomics); the table gradient uses
 atomic adds because many points share a row.
 
-Imported lazily (only when the triton backend is used): `@triton.jit` decides between compiled
+Imported by geometry/hashgrid.py when triton is installed: `@triton.jit` decides between compiled
 and interpreted mode at import time from TRITON_INTERPRET.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from geometry.hashgrid import PRIMES, GridLayout
+from geometry.hashgrid_layout import PRIMES, GridLayout
 
 _P1: tl.constexpr = tl.constexpr(PRIMES[1])
 _P2: tl.constexpr = tl.constexpr(PRIMES[2])

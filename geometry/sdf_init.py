@@ -23,12 +23,15 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import igl
 import numpy as np
 import torch
+import trimesh
 
 import faults
 import progress
 from geometry.hashgrid import published_adamw
+from render.mesh import load_mesh, unit_size
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +133,6 @@ def mesh_signed_distance(p_nx3: np.ndarray, verts_vx3: np.ndarray, faces_fx3: np
                          ) -> np.ndarray:
     """libigl signed distance with the (fast, hierarchical) generalized winding-number sign, robust
     to open meshes; fast because the pretraining queries ~10k points per step."""
-    import igl
-
     s, *_ = igl.signed_distance(np.ascontiguousarray(p_nx3, dtype=np.float64),
                                 np.ascontiguousarray(verts_vx3, dtype=np.float64),
                                 np.ascontiguousarray(faces_fx3, dtype=np.int64),
@@ -157,8 +158,6 @@ def _cylinder_sdf(q_nx3: np.ndarray) -> np.ndarray:
 
 
 def _local_mesh(opts: InitShapeOptions) -> tuple[np.ndarray, np.ndarray]:
-    import trimesh
-
     if opts.shape == "ellipsoid":
         m = trimesh.creation.icosphere(subdivisions=4, radius=1.0)
         return np.asarray(m.vertices, dtype=np.float64), np.asarray(m.faces, dtype=np.int64)
@@ -170,8 +169,6 @@ def _local_mesh(opts: InitShapeOptions) -> tuple[np.ndarray, np.ndarray]:
 
 def load_unit_mesh(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """User mesh centred on its vertex mean and scaled into the unit sphere: (verts, faces)."""
-    from render.mesh import load_mesh, unit_size
-
     mesh = unit_size(load_mesh(path))  # MeshError for missing/corrupt/empty/NaN files
     verts = mesh.v_pos.detach().cpu().double().numpy()
     faces = mesh.t_pos_idx.detach().cpu().numpy().astype(np.int64)

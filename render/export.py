@@ -23,7 +23,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import cv2
 import numpy as np
@@ -360,3 +360,27 @@ def write_probe(path: str | os.PathLike, light: Any) -> Path:
     if not path.is_file():
         raise ExportError(f"write_probe: {type(light).__name__}.save did not create '{path}'")
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The formats a run exports: one writer per format, chosen here only. A new format is one function
+# `(folder, mesh, maps) -> path written` and its entry.
+
+MeshWriter = Callable[[Path, Mesh, "BakedMaps | None"], Path]
+
+
+def _write_glb_into(folder: str | os.PathLike, mesh: Mesh, maps: BakedMaps | None = None) -> Path:
+    return write_glb(Path(folder) / "mesh.glb", mesh, maps)
+
+
+MESH_WRITERS: dict[str, MeshWriter] = {
+    "obj": write_obj,          # mesh.obj + mesh.mtl (+ texture_kd/ks/n.png): Blender, MeshLab, most tools
+    "glb": _write_glb_into,    # mesh.glb, PBR metallic-roughness: web viewers, game engines, Blender
+}
+
+
+def export_mesh(folder: str | os.PathLike, mesh: Mesh, maps: BakedMaps | None = None) -> list[Path]:
+    """Write `mesh` (with its baked `maps`, or untextured) into `folder` in every format of
+    MESH_WRITERS; the files written, in that order."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return [write(Path(folder), mesh, maps) for write in MESH_WRITERS.values()]

@@ -16,8 +16,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import igl
 import numpy as np
 import torch
+import trimesh
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from render.util import device_constant, gather_rows
@@ -142,8 +146,6 @@ def _kd_image(visual: Any) -> Tensor | None:
 
 def _mesh_parts(loaded: Any) -> list[Any]:
     """A loaded trimesh object -> list of Trimesh with scene transforms applied."""
-    import trimesh
-
     if isinstance(loaded, trimesh.Trimesh):
         return [loaded]
     if isinstance(loaded, trimesh.Scene):
@@ -165,8 +167,6 @@ def load_mesh(path: str | os.PathLike, device: torch.device | str = "cpu") -> Me
     UVs are kept when every part has them; the first part's base-colour image becomes
     `material["kd"]`. Raises MeshError (MeshFileNotFoundError for a missing path) naming the file.
     """
-    import trimesh
-
     p = Path(path)
     if not p.exists():
         raise MeshFileNotFoundError(f"mesh file '{p}' does not exist; check the path "
@@ -298,9 +298,6 @@ def unit_size(mesh: Mesh) -> Mesh:
 def face_component_labels(faces_fx3: np.ndarray, n_verts: int | None = None) -> np.ndarray:
     """Connected-component id per face [F]: faces are connected when they share a vertex index
     (position indices: the surface's parts; UV indices: its UV islands)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = int(faces_fx3.max()) + 1 if n_verts is None else n_verts
     edges = np.concatenate([faces_fx3[:, [0, 1]], faces_fx3[:, [1, 2]]])        # spans each face
     graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
@@ -346,8 +343,6 @@ def drop_enclosed_components(mesh: Mesh, min_inside: float = 0.95) -> tuple[Mesh
     (libigl). Open cavities (a cup's inside) have winding number ~0 and are kept, and so is the
     largest component, always.
     """
-    import igl
-
     faces = mesh.t_pos_idx.detach().cpu().numpy()                               # [F, 3]
     if faces.shape[0] == 0:
         return mesh, ComponentFilterReport(0, 0, 0)

@@ -8,7 +8,8 @@ Both backends follow nvdiffrast's signatures and semantics:
   is NDC y = -1.
 - `rast_db [B, H, W, 4]` = (du/dX, du/dY, dv/dX, dv/dY) per pixel.
 
-nvdiffrast is imported lazily, only when a CUDA context is requested, so CPU-only installs work.
+nvdiffrast is optional: CPU-only installs work without it. Its import error is kept, and a CUDA
+context is only created when one is requested.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ import torch
 from torch import Tensor
 
 from render import raster_torch
+from render.texture_torch import texture_torch
+
+# nvdiffrast, the CUDA rasterizer, is optional (CPU-only installs use the torch backend): its import
+# error is the reason given when backend="nvdiffrast" is requested, or auto falls back on CUDA.
+# cpp_extension (which nvdiffrast itself imports) finds the plugin build folder, see _call_nvdiffrast.
+try:
+    import nvdiffrast.torch as _nvdiffrast
+    from torch.utils import cpp_extension
+except ImportError as _error:
+    _nvdiffrast = cpp_extension = None
+    _nvdiffrast_import_error: ImportError | None = _error
+else:
+    _nvdiffrast_import_error = None
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +66,12 @@ _nv_module: ModuleType | None = None
 
 
 def _import_nvdiffrast() -> ModuleType:
-    try:
-        import nvdiffrast.torch as dr
-    except ImportError as exc:
+    if _nvdiffrast is None:
         raise RasterBackendError(
-            f"nvdiffrast backend unavailable: cannot import nvdiffrast.torch ({exc}); install it with "
-            "`pip install diffrp-nvdiffrast` (needs a CUDA toolkit and ninja to build its plugin)"
-        ) from exc
-    return dr
+            f"nvdiffrast backend unavailable: cannot import nvdiffrast.torch ({_nvdiffrast_import_error}); "
+            "install it with `pip install diffrp-nvdiffrast` (needs a CUDA toolkit and ninja to build its plugin)"
+        ) from _nvdiffrast_import_error
+    return _nvdiffrast
 
 
 def _call_nvdiffrast(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -75,8 +87,6 @@ def _call_nvdiffrast(fn: Any, *args: Any, **kwargs: Any) -> Any:
         name = exc.name or ""
         if not name.startswith("nvdiffrast_plugin"):
             raise
-        from torch.utils import cpp_extension
-
         build_dir = cpp_extension._get_build_directory(name, False)
         if build_dir in sys.path:
             raise
@@ -322,8 +332,6 @@ def texture(tex: Tensor, uv: Tensor, uv_da: Tensor | None = None, mip_level_bias
         return _call_nvdiffrast(_nv_module.texture, tex.contiguous(), uv.contiguous(), uv_da=uv_da,
                                 mip_level_bias=mip_level_bias, mip=mip, filter_mode=filter_mode,
                                 boundary_mode=boundary_mode, max_mip_level=max_mip_level)
-    from render.texture_torch import texture_torch  # lazy: written and owned separately
-
     return texture_torch(tex, uv, uv_da=uv_da, mip_level_bias=mip_level_bias, mip=mip,
                          filter_mode=filter_mode, boundary_mode=boundary_mode,
                          max_mip_level=max_mip_level)

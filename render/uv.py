@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+import xatlas
 
 import progress
 from render.mesh import Mesh, MeshError, face_component_labels, validate_mesh
@@ -62,8 +63,6 @@ class PackOptions:
 
 
 def _xatlas_options(chart: ChartOptions, pack: PackOptions) -> tuple[object, object]:
-    import xatlas
-
     if pack.padding < 0 or pack.resolution < 0 or pack.max_chart_size < 0:
         raise ValueError(f"unwrap: pack_options padding/resolution/max_chart_size must be >= 0, got "
                          f"{pack.padding}/{pack.resolution}/{pack.max_chart_size}")
@@ -103,8 +102,6 @@ def unwrap(mesh: Mesh, chart_options: ChartOptions | None = None,
     chart_options = chart_options or ChartOptions()
     pack_options = pack_options or PackOptions()
     x_chart, x_pack = _xatlas_options(chart_options, pack_options)
-
-    import xatlas
 
     pos_vx3 = mesh.v_pos.detach().cpu().numpy().astype(np.float32)
     tri_fx3 = mesh.t_pos_idx.detach().cpu().numpy().astype(np.uint32)

@@ -35,9 +35,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+import trimesh  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import distributed  # noqa: E402
-from config import load_config  # noqa: E402
+from config import load_config, resolve_path  # noqa: E402
+from dataset.cameras import azimuth_sector, sample_train_cameras  # noqa: E402
+from geometry.marching_tets import marching_tets  # noqa: E402
+from phases import build_phase  # noqa: E402
+from scripts.make_tiny_sd import build_tiny_sd  # noqa: E402
+from trainer import Trainer, make_generators  # noqa: E402
 
 
 def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> list[float]:
@@ -57,7 +64,6 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: in
 
 def bench_mesh(folder: Path) -> Path:
     """A 20k-face UV-mapped sphere for appearance benchmarks when the config's base_mesh is absent."""
-    import trimesh
     path = folder / "bench_sphere.obj"
     if not path.exists():
         trimesh.creation.icosphere(subdivisions=5, radius=0.8).export(path)
@@ -76,49 +82,50 @@ def stage_overrides(stage: str, cfg_mode: str, tmp: Path, base_mesh_exists: bool
 
 def floor_fn(phase, stage: str, batch: int, device: torch.device) -> Callable[[], None]:
     """The diffusion calls of one step alone, on random inputs of the step's shapes."""
-    sd = phase.guide.sd
+    sd = phase.guide.model
     gen = torch.Generator(device=device).manual_seed(0)
     view = torch.zeros(batch, dtype=torch.int64, device=device)
     t = torch.full((batch,), 500, dtype=torch.int64, device=device)
-    emb = sd.text_embeddings(view, batch)
+    emb, neg_weights = sd.text_embeddings(view, batch), None
+    if sd.opts.perp_neg:   # the step's UNet call: 4B rows (uncond, blended view prompt, two negatives)
+        emb, neg_weights = sd.perp_neg_embeddings(torch.zeros(batch, device=device), batch)
     if stage == "coarse":
         z = torch.randn(batch, 4, 64, 64, device=device)
-        return lambda: sd.predict_eps(z, t, emb)
+        return lambda: sd.predict_eps(z, t, emb, neg_weights)
     imgs = torch.rand(batch, 3, 512, 512, device=device, requires_grad=True)
 
     def call() -> None:
         lat = sd.encode_images(imgs, gen)
-        eps = sd.predict_eps(lat.detach().float(), t, emb)
+        eps = sd.predict_eps(lat.detach().float(), t, emb, neg_weights)
         (lat.float() * eps).sum().backward()
     return call
 
 
 def breakdown(phase, trainer, stage: str, device: torch.device, iters: int) -> dict[str, float]:
     """Median ms of each part of one step, each timed alone with device syncs around it."""
-    from dataset.cameras import azimuth_sector, sample_train_cameras
     cams = sample_train_cameras(trainer.cfg.batch, azimuth_sector(0, 1), trainer.cam_opts, trainer.cam_gen, device)
     gen = trainer.noise_gen
     parts: dict[str, Callable[[], object]] = {}
     if stage in ("coarse", "fine"):
-        from geometry.dmtet import marching_tets
         geo = phase.geo
         sdf, deform = geo.sdf_and_deform()
         verts_g = geo.deformed_verts(deform)
         # Rendered from the padded surface, as in training: the same shapes reuse the step's CUDA
         # graph of the ops after the rasterizer (render_cuda_graph) instead of capturing another.
-        surf = geo.extract_padded(phase.capacity)
+        surf = geo.extract_padded()
         verts, faces = surf.verts, surf.faces
         name = "geometry_coarse" if stage == "coarse" else "geometry_fine"
-        x = phase.render(verts, faces, cams, name)
+        spec = phase.guide.stage_input(name)
+        x = phase.render(verts, faces, cams, spec)
         parts["geometry network fwd"] = lambda: geo.sdf_and_deform()
         parts["marching tets"] = lambda: marching_tets(verts_g, sdf, geo.tets, geo.topology)
-        parts["rasterization + normals"] = lambda: phase.render(verts, faces, cams, name)
+        parts["rasterization + normals"] = lambda: phase.render(verts, faces, cams, spec)
     else:
         name = "appearance"
         x = phase._render(cams).permute(0, 3, 1, 2).contiguous()
         parts["rasterization + shading"] = lambda: phase._render(cams)
     xd = x.detach().requires_grad_(True)
-    parts["guidance (sds fwd + VAE bwd)"] = lambda: phase.guide(xd, name, 1, cams, gen).loss.backward()
+    parts["guidance (sds fwd + VAE bwd)"] = lambda: phase.guide.sds(xd, name, 1, cams, gen).loss.backward()
     parts["optimizer step"] = lambda: trainer.optimizer.step()
     return {k: round(statistics.median(timed(fn, device, iters, 2)), 3) for k, fn in parts.items()}
 
@@ -248,7 +255,6 @@ def profile_steps(trainer, it0: int, steps: int, out_dir: Path) -> dict[str, flo
     The profiled wall time includes the profiler's own host cost (stacks are recorded for the host
     waits), so compare it with other profiled runs, not with ``iteration_ms``.
     """
-    from torch.profiler import ProfilerActivity, profile
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
@@ -299,18 +305,14 @@ def main(argv: list[str] | None = None) -> int:
 
     sd_dir = Path(args.sd_model)
     if not (sd_dir / "model_index.json").exists():
-        from scripts.make_tiny_sd import build_tiny_sd
         build_tiny_sd(sd_dir, full_size=True)
     tmp = Path(tempfile.mkdtemp(prefix="bench_"))
     base = load_config(args.config, args.overrides)
-    from config import resolve_path
     has_mesh = bool(base.base_mesh) and resolve_path(base.base_mesh).is_file()
     overrides = [*args.overrides, f"sd_model={sd_dir}", "validate=false", f"out_dir={tmp / 'run'}",
                  "guidance=stable_diffusion", *stage_overrides(args.stage, base.mode, tmp, has_mesh)]
     cfg = load_config(args.config, overrides)
 
-    from phases import build_phase
-    from trainer import Trainer, make_generators
     info = distributed.setup(cfg.device)
     device = info.device
     torch.manual_seed(cfg.seed)
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     peak_step = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     floor = timed(floor_fn(phase, args.stage, cfg.batch, device), device, args.iters, args.warmup)
     eager_floor = None
-    sd = phase.guide.sd
+    sd = phase.guide.model
     # Also the floor of the plain diffusers call (docs/DESIGN.md, "Performance floor").
     if sd.unet_runner != sd.eager_unet:
         sd.unet_runner, graphed = sd.eager_unet, sd.unet_runner

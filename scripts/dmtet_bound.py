@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from geometry.dmtet import marching_tets, tet_grid  # noqa: E402
+from geometry.marching_tets import marching_tets  # noqa: E402
+from geometry.tet_grid import tet_grid  # noqa: E402
 from geometry.sdf_init import mesh_signed_distance  # noqa: E402
 from scripts import evaluate as ev  # noqa: E402
 

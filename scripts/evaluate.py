@@ -31,11 +31,19 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import igl
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as `python scripts/evaluate.py` from anywhere
     sys.path.insert(0, str(PROJECT_ROOT))
+
+from dataset.cameras import CameraOptions, turntable_cameras  # noqa: E402
+from render import raster  # noqa: E402
+from render.mesh import MeshError, load_mesh  # noqa: E402
+from render.normal_render import normal_to_display, render_normal_mask  # noqa: E402
 
 IMAGE_KINDS = ("auto", "normal", "albedo", "none")
 
@@ -60,7 +68,6 @@ class Surface:
 
 def load_surface(path: str | Path) -> Surface:
     """Positions and triangles of any mesh render.mesh.load_mesh reads (scenes concatenated)."""
-    from render.mesh import MeshError, load_mesh
     try:
         mesh = load_mesh(path)
     except MeshError as e:
@@ -104,7 +111,6 @@ def sample_surface(s: Surface, n: int, rng: np.random.Generator) -> tuple[np.nda
 def directed_distances(points: np.ndarray, normals: np.ndarray, target: Surface) -> tuple[np.ndarray, np.ndarray]:
     """Exact distance from each point to `target`'s surface, and |cos| between the point's normal
     and the closest face's normal."""
-    import igl
     sq, face, _ = igl.point_mesh_squared_distance(points, target.verts, target.faces)
     cos = np.abs((normals * face_normals(target)[face]).sum(1))
     return np.sqrt(np.maximum(sq, 0.0)), cos
@@ -148,7 +154,6 @@ def far_output_by_height(out: Surface, ref: Surface, threshold: float = FAR_THRE
 
 def inside(s: Surface, points: np.ndarray) -> np.ndarray:
     """Generalized winding number > 0.5 (libigl's fast approximation)."""
-    import igl
     return igl.fast_winding_number(s.verts, s.faces, points) > 0.5
 
 
@@ -170,8 +175,6 @@ def volume_iou(out: Surface, ref: Surface, resolution: int = 96) -> float:
 def held_out_cameras(n_views: int, resolution: int, elevation_deg: float = 20.0):
     """n views around the object at `elevation_deg`, azimuths offset by half a step from the
     axis-aligned validation views; mean published fovy, no jitter."""
-    import torch
-    from dataset.cameras import CameraOptions, turntable_cameras
     opts = CameraOptions(fovy_range=(35.0, 35.0), camera_random_jitter=0.0, resolution=(resolution, resolution))
     cams = turntable_cameras(opts, "cpu", 2 * n_views, elevation_deg=elevation_deg)
     odd = torch.arange(1, 2 * n_views, 2)
@@ -180,10 +183,6 @@ def held_out_cameras(n_views: int, resolution: int, elevation_deg: float = 20.0)
 
 def render_views(path: str | Path, kind: str, cams) -> "torch.Tensor":
     """[B, H, W, 3] in [0, 1], black background: normal map or albedo (kd through the UVs)."""
-    import torch
-    from render import raster
-    from render.mesh import load_mesh
-    from render.normal_render import normal_to_display, render_normal_mask
     mesh = load_mesh(path)
     ctx = raster.make_context("cpu", "torch")
     with torch.no_grad():
@@ -194,8 +193,6 @@ def render_views(path: str | Path, kind: str, cams) -> "torch.Tensor":
 
 
 def _render_albedo(ctx, mesh, cams) -> "torch.Tensor":
-    import torch
-    from render import raster
     tri = mesh.t_pos_idx.to(torch.int32)
     pos = raster.clip_positions(mesh.v_pos, cams.mvp)
     rast, _ = raster.rasterize(ctx, pos, tri, cams.resolution, grad_db=False)
@@ -208,7 +205,6 @@ def _render_albedo(ctx, mesh, cams) -> "torch.Tensor":
 
 
 def has_albedo(path: str | Path) -> bool:
-    from render.mesh import load_mesh
     mesh = load_mesh(path)
     return mesh.v_tex is not None and bool(mesh.material) and "kd" in mesh.material
 
@@ -222,8 +218,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 11, sigma: float = 1.5) -> float:
     """Mean SSIM (Wang et al. 2004: Gaussian window 11 / 1.5, K1 0.01, K2 0.03) of [B, H, W, C]
     images in [0, 1], per channel, valid region only."""
-    import torch
-    import torch.nn.functional as F
     x = torch.as_tensor(np.asarray(a), dtype=torch.float64).permute(0, 3, 1, 2)
     y = torch.as_tensor(np.asarray(b), dtype=torch.float64).permute(0, 3, 1, 2)
     c = x.shape[1]

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import trimesh
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from geometry.dmtet import marching_tets, tet_grid  # noqa: E402
+from geometry.marching_tets import marching_tets  # noqa: E402
+from geometry.tet_grid import tet_grid  # noqa: E402
 
 DEFAULT_OUT = ROOT / "data" / "meshes" / "bunny_like.obj"
 
@@ -56,8 +58,6 @@ def bunny_sdf(p: np.ndarray) -> np.ndarray:
 
 
 def build(grid: int) -> tuple[np.ndarray, np.ndarray]:
-    import trimesh
-
     verts, tets = tet_grid(grid)
     verts = verts.astype(np.float64) * 2.0                       # [-1, 1]^3
     sdf = bunny_sdf(verts)

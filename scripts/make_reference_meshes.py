@@ -33,7 +33,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import igl
+import imageio.v3 as iio
 import numpy as np
+import trimesh
 
 Sdf = Callable[[np.ndarray], np.ndarray]   # [N, 3] points -> [N] signed distance (< 0 inside)
 
@@ -76,9 +79,6 @@ def shifted(sdf: Sdf, offset: tuple[float, float, float]) -> Sdf:
 def sdf_to_mesh(sdf: Sdf, lo: float = -1.0, hi: float = 1.0, resolution: int = 128):
     """Zero level set of `sdf` on a cube grid [lo, hi]^3 with `resolution` cells per side ->
     trimesh.Trimesh with outward normals (merged vertices, no degenerate faces)."""
-    import igl
-    import trimesh
-
     n = resolution + 1
     axis = np.linspace(lo, hi, n)
     # igl's layout: value index x + y*nx + z*nx*ny, so x varies fastest.
@@ -193,7 +193,6 @@ def thin_parts_mesh(resolution: int = 160):
 
 def torus_mesh(major: float = 0.6, minor: float = 0.22, sections: int = 96):
     """Parametric torus in the xz plane (axis y), exact vertices on the surface."""
-    import trimesh
     mesh = trimesh.creation.torus(major_radius=major, minor_radius=minor,
                                   major_sections=sections, minor_sections=sections // 2)
     # trimesh builds it around z; turn it to lie flat (around y, which is up here).
@@ -243,8 +242,6 @@ def textured_geometry(radii: tuple[float, float, float] = (0.7, 0.85, 0.6), n_lo
 
 def write_textured(folder: Path, name: str = "textured") -> Path:
     """OBJ + MTL (map_Kd) + albedo PNG in `folder`; returns the OBJ path."""
-    import imageio.v3 as iio
-
     folder.mkdir(parents=True, exist_ok=True)
     verts, uv, faces = textured_geometry()
     iio.imwrite(folder / "albedo.png", albedo_pattern())
@@ -261,7 +258,6 @@ def write_textured(folder: Path, name: str = "textured") -> Path:
 
 def textured_mesh(folder: Path):
     """Write the textured reference into `folder` and load it back (trimesh, with its texture)."""
-    import trimesh
     return trimesh.load(str(write_textured(folder)), process=False)
 
 
@@ -277,8 +273,6 @@ def _describe(mesh, path: Path) -> dict:
 
 def write_references(out_dir: str | Path, resolution: int = 128) -> dict[str, Path]:
     """Write every reference into `out_dir`; returns {name: path}."""
-    import trimesh
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     solids = {"mug": mug_mesh(resolution), "cup": cup_mesh(resolution), "bowl": bowl_mesh(resolution),

@@ -29,7 +29,10 @@ import re
 import sys
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 SEED = 0
 TEXT_WIDTH = 32          # text encoder hidden size == UNet cross-attention width
@@ -141,8 +144,6 @@ SD21_BASE = {"vae_blocks": (128, 256, 512, 512), "vae_layers": 2, "vae_groups": 
 
 
 def _vae(arch: dict):
-    from diffusers import AutoencoderKL
-
     torch.manual_seed(SEED)
     return AutoencoderKL(
         in_channels=3, out_channels=3,
@@ -156,8 +157,6 @@ def _vae(arch: dict):
 
 
 def _unet(arch: dict):
-    from diffusers import UNet2DConditionModel
-
     torch.manual_seed(SEED)
     return UNet2DConditionModel(
         sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
@@ -170,8 +169,6 @@ def _unet(arch: dict):
 
 
 def _text_encoder(vocab_size: int, token_ids: dict[str, int], arch: dict):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=arch["text_width"], intermediate_size=arch["text_ffn"],
         projection_dim=arch["text_proj"], num_hidden_layers=arch["text_layers"],
@@ -184,16 +181,12 @@ def _text_encoder(vocab_size: int, token_ids: dict[str, int], arch: dict):
 
 
 def _scheduler():
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", clip_sample=False,
                          prediction_type="epsilon", steps_offset=1)
 
 
 def _model_index() -> dict:
-    import diffusers
-
     return {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": diffusers.__version__,

@@ -30,12 +30,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import trimesh
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 if str(PROJECT_ROOT) not in sys.path:  # run as `python scripts/visibility.py` from anywhere
     sys.path.insert(0, str(PROJECT_ROOT))
 
-import torch  # noqa: E402
+from config import ConfigError, load_config  # noqa: E402
+from dataset.cameras import sample_train_cameras  # noqa: E402
+from render import raster  # noqa: E402
+from scripts.evaluate import EvaluateError, inside, load_surface, sample_surface  # noqa: E402
+from trainer import camera_options  # noqa: E402
 
 
 @dataclass
@@ -52,7 +58,6 @@ class VisibilityOptions:
 
 def depth_maps(verts_vx3: torch.Tensor, faces_fx3: torch.Tensor, cams, ctx) -> torch.Tensor:
     """View depth [B, H, W] of the mesh for `cams` (inf where nothing is hit)."""
-    from render import raster
     pos = raster.clip_positions(verts_vx3, cams.mvp)                                # [B, V, 4]
     tri = faces_fx3.to(torch.int32)
     rast, _ = raster.rasterize(ctx, pos, tri, cams.resolution)
@@ -85,14 +90,6 @@ def lookup(depth_bxhxw: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> t
 
 def analyse(mesh_path: str | Path, config: str | Path, overrides: list[str] | None = None,
             opts: VisibilityOptions = VisibilityOptions(), device: str = "cpu") -> dict:
-    import trimesh
-
-    from config import load_config
-    from dataset.cameras import sample_train_cameras
-    from render import raster
-    from scripts.evaluate import inside, load_surface, sample_surface
-    from trainer import camera_options
-
     cfg = load_config(config, overrides or [])
     cam_opts = camera_options(cfg, [opts.resolution, opts.resolution])
     surf = load_surface(mesh_path)
@@ -160,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.mesh).is_file():
         print(f"error: mesh {args.mesh!r} not found", file=sys.stderr)
         return 2
-    from config import ConfigError
-    from scripts.evaluate import EvaluateError
     opts = VisibilityOptions(cameras=args.cameras, resolution=args.resolution, voxels=args.voxels)
     try:
         result = analyse(args.mesh, args.config, args.overrides, opts, args.device)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from scripts.bench import blocking_waits
+from scripts.bench import blocking_waits, device_idle, device_periods_ms
+from scripts.dev.host_window import windows
 
 
 def _span(cat: str, name: str, ts: float, dur: float) -> dict:
@@ -40,7 +41,6 @@ def _launch(ts: float, corr: int, tid: int = 1) -> dict:
 
 
 def test_device_idle_charges_each_gap_to_the_host_code_that_launched_the_next_kernel() -> None:
-    from scripts.bench import device_idle
     own = {"phases.py", "render/raster.py"}
     frame = lambda name, ts, dur, tid=1: {**_span("python_function", name, ts, dur), "tid": tid}  # noqa: E731
     events = [
@@ -64,7 +64,6 @@ def test_device_idle_charges_each_gap_to_the_host_code_that_launched_the_next_ke
 
 def test_host_window_medians_from_marks() -> None:
     """scripts/dev/host_window.py: the three host intervals of each step, from the timer marks."""
-    from scripts.dev.host_window import windows
     marks = []
     for k in range(3):                          # steps 100 ms apart; the second step's window is longer
         t = 0.1 * k
@@ -77,8 +76,6 @@ def test_host_window_medians_from_marks() -> None:
 
 
 def test_device_periods_are_the_gaps_between_step_starts() -> None:
-    from scripts.bench import device_periods_ms
-
     class Event:                                   # stands in for torch.cuda.Event
         def __init__(self, t: float) -> None:
             self.t = t

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,9 +140,6 @@ def test_option_validation() -> None:
 
 
 def test_dataset_does_not_import_render_or_geometry() -> None:
-    import ast
-    from pathlib import Path
-
     src = Path(__file__).resolve().parents[1] / "dataset" / "cameras.py"
     for node in ast.walk(ast.parse(src.read_text())):
         if isinstance(node, (ast.Import, ast.ImportFrom)):

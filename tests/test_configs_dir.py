@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trimesh
 
 import config as C
 from tests.run_helpers import PUBLISHED_CONFIGS
@@ -137,7 +138,6 @@ def test_user_mesh_config_mesh_exists():
     mesh_path = C.resolve_path(data["base_mesh"])
     assert mesh_path.is_file(), f"{data['base_mesh']} missing; run python scripts/make_example_mesh.py"
     assert mesh_path.stat().st_size < 200 * 1024
-    import trimesh
     mesh = trimesh.load(mesh_path, force="mesh", process=True)
     assert len(mesh.faces) > 1000 and mesh.is_watertight and mesh.volume > 0
 

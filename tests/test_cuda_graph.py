@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import load_config
-from phases import NormalStageRenderer
+from phases.geometry import NormalStageRenderer
 from render import raster
 from render.cuda_graph import GraphedFunction
 

@@ -15,6 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import distributed
+from dataset.cameras import azimuth_sector
+from scripts.weak_scaling import azimuth_arc
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +40,14 @@ def in_sector(azimuth_deg: float, sector: tuple[float, float]) -> bool:
                     reason="torch.distributed with gloo is not available")
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_sd_path: Path) -> None:
-    from dataset.cameras import azimuth_sector
 
     run_dir = tmp_path / "run"
-    iters, save = 8, 4
+    # Two save points (two parameter checksums) and both stages; each iteration costs both ranks a step.
+    iters, save = 4, 2
     cfg = tmp_path / "ddp.json"
     cfg.write_text(json.dumps({
         "mode": "geometry_modeling", "text": "a cup", "device": "cpu", "sd_model": str(tiny_sd_path),
-        "dmtet_grid": 32, "train_res": [64, 64], "batch": 2, "iter": iters, "coarse_iter": 4,
+        "dmtet_grid": 32, "train_res": [64, 64], "batch": 2, "iter": iters, "coarse_iter": 2,
         "save_interval": save, "sdf_init_iter": 60, "seed": 7,
         "validate": False, "out_dir": str(run_dir)}))
     # One OpenMP thread per process: 2 processes share the 2 cores without oversubscription.
@@ -80,9 +86,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_sd_path: Path) -> None:
 
 
 def _step_all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
-    import torch.distributed as dist
 
-    import distributed
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         info = distributed.DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
@@ -101,7 +105,6 @@ def _step_all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_step_all_reduce_averages_grads_ors_flags_and_gathers_values(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
 
     mp.spawn(_step_all_reduce_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
@@ -113,7 +116,6 @@ def test_step_all_reduce_averages_grads_ors_flags_and_gathers_values(tmp_path: P
 
 
 def test_step_all_reduce_one_process_is_a_pass_through() -> None:
-    import distributed
     info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([1.0, 2.0])
@@ -123,7 +125,6 @@ def test_step_all_reduce_one_process_is_a_pass_through() -> None:
 
 
 def test_weak_scaling_reports_a_sector_across_the_seam_as_one_arc() -> None:
-    from scripts.weak_scaling import azimuth_arc
     assert azimuth_arc([-44.0, 0.0, 134.0]) == [-44.0, 134.0]
     assert azimuth_arc([140.0, 179.0, -179.0, -50.0]) == [140.0, 310.0]   # the back half: [135, 315)
     assert azimuth_arc([10.0]) == [10.0, 10.0]

@@ -1,6 +1,9 @@
 """Tet grid, marching tets and DMTetGeometry (CPU)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -9,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.dmtet import (TET_CACHE_DIR, DMTetGeometry, EmptyMeshError, TetGridError,
-                            marching_tets, sdf_regularizer_weight, sdf_sign_change_loss, tet_edges, tet_grid,
-                            tet_topology)
+from dataset.cameras import CameraOptions, validation_cameras
+from geometry.base import EmptyMeshError
+from geometry.dmtet import DMTetGeometry, sealed_air, sealed_air_loss
 from geometry.hashgrid import HashGridOptions
+from geometry.marching_tets import (CapacityPlanner, MarchingBackendError, PaddedSurface, SurfaceCapacity, classify,
+                                    marching_tets, marching_tets_padded, sdf_sign_change_loss)
+from geometry.tet_grid import TET_CACHE_DIR, TetGridError, tet_edges, tet_grid, tet_topology
+from render import raster
+from render.normal_render import render_normal_mask
 
 SMALL_GRID = HashGridOptions(log2_hashmap_size=12)  # keeps CPU tests fast; defaults tested elsewhere
 
@@ -165,22 +173,11 @@ def test_sdf_sign_change_loss() -> None:
     assert sdf.grad[0] < 0 and sdf.grad[1] > 0 and sdf.grad[2] == 0  # pulls both towards zero
 
 
-def test_sdf_regularizer_weight_follows_nvdiffrec_schedule() -> None:
-    assert sdf_regularizer_weight(0.2, 0, 1000) == 0.2
-    assert sdf_regularizer_weight(0.2, 125, 1000) == pytest.approx(0.2 - 0.19 / 2)     # half way down
-    assert sdf_regularizer_weight(0.2, 250, 1000) == pytest.approx(0.01)                # 1/20 at a quarter
-    assert sdf_regularizer_weight(0.2, 1000, 1000) == pytest.approx(0.01)               # then constant
-
-
 @pytest.mark.slow
 def test_sdf_regularizer_removes_a_hidden_bubble_and_keeps_the_seen_surface() -> None:
     """A solid sphere with a bubble inside: the bubble's surface is never seen, so the image loss
     leaves it there; the sign-change regularizer fills it, while the image loss keeps the sphere.
     A free SDF per grid vertex (no network) so the test shows the loss itself."""
-    from dataset.cameras import CameraOptions, validation_cameras
-    from geometry.dmtet import SurfaceCapacity, marching_tets_padded
-    from render import raster
-    from render.normal_render import render_normal_mask
     v, t = tet_grid(24)
     v, t = torch.from_numpy(v).float() * 2.0, torch.from_numpy(t)
     topo = tet_topology(t)
@@ -354,10 +351,6 @@ def test_padded_marching_tets_renders_and_differentiates_like_the_exact_one(devi
     """Pad faces are culled and skipped by antialiasing (torch rasterizer on CPU, nvdiffrast on
     CUDA), so the normal image and the gradients reaching the SDF and the vertices are those of the
     exact-size surface."""
-    from dataset.cameras import CameraOptions, validation_cameras
-    from geometry.dmtet import SurfaceCapacity, marching_tets_padded
-    from render import raster
-    from render.normal_render import render_normal_mask
     v0, sdf0, t, _ = _noisy_sphere(16)
     v0, sdf0, t = v0.to(device), sdf0.to(device), t.to(device)
     topo = tet_topology(t)
@@ -391,7 +384,6 @@ def test_padded_marching_tets_renders_and_differentiates_like_the_exact_one(devi
 
 
 def test_padded_marching_tets_overflow_drops_triangles_safely() -> None:
-    from geometry.dmtet import PaddedSurface, SurfaceCapacity, marching_tets_padded
     v, sdf, t, topo = _noisy_sphere(16, seed=3)
     exact_v, exact_f = marching_tets(v, sdf, t, topo)
     surf = marching_tets_padded(v, sdf, t, topo, SurfaceCapacity(100, 10, 150))
@@ -418,7 +410,6 @@ def test_padded_marching_tets_overflow_drops_triangles_safely() -> None:
 
 
 def test_capacity_planner_grows_early_and_shrinks_late() -> None:
-    from geometry.dmtet import CapacityPlanner, SurfaceCapacity
     planner = CapacityPlanner()
     planner.update([0, 10_000, 2_000, 6_000])
     assert planner.capacity == SurfaceCapacity(15_360, 3_072, 9_216)       # x1.5, rounded up to 1024
@@ -460,10 +451,6 @@ def test_geometry_check_counts_names_the_problem() -> None:
 def test_padded_empty_surface_renders_an_empty_image(device: str) -> None:
     """A surface that vanished still renders (the training step learns of it one step late, from
     the counts): only pad faces, so an empty image and zero, finite gradients."""
-    from dataset.cameras import CameraOptions, validation_cameras
-    from geometry.dmtet import SurfaceCapacity, marching_tets_padded
-    from render import raster
-    from render.normal_render import render_normal_mask
     v, _, t, _ = _noisy_sphere(8)
     v, t = v.to(device).requires_grad_(), t.to(device)
     sdf = torch.ones(v.shape[0], device=device, requires_grad=True)      # all outside: no surface
@@ -481,7 +468,6 @@ def test_geometry_extract_padded_matches_marching_tets_on_every_vertex() -> None
     """DMTetGeometry.extract_padded evaluates the network with gradients only at crossing-edge
     ends; the surface is identical and the parameter gradients equal (to float rounding) those of
     marching_tets_padded on the network's output at every grid vertex."""
-    from geometry.dmtet import CapacityPlanner, marching_tets_padded
     torch.manual_seed(0)
     geo = DMTetGeometry(24, 2.0, SMALL_GRID, backend="torch")
     net = geo.sdf_net.forward
@@ -524,7 +510,6 @@ def test_geometry_extract_padded_matches_marching_tets_on_every_vertex() -> None
 
 def classify_parity(device: str) -> None:
     """Both backends on a grid-32 tet grid with a sphere SDF plus noise, NaN and +-inf entries."""
-    from geometry.dmtet import _classify, tet_topology
     verts, tets = tet_grid(32)
     verts_t, tets_t = torch.from_numpy(verts).to(device), torch.from_numpy(tets).to(device)
     gen = torch.Generator().manual_seed(0)
@@ -532,7 +517,7 @@ def classify_parity(device: str) -> None:
     sdf[::97], sdf[5::89], sdf[7::83] = float("nan"), float("inf"), -float("inf")
     sdf[11::79] = 0.0                                                    # exactly zero counts as outside
     topo = tet_topology(tets_t)
-    ref, fused = _classify(sdf, tets_t, topo, "torch"), _classify(sdf, tets_t, topo, "triton")
+    ref, fused = classify(sdf, tets_t, topo, "torch"), classify(sdf, tets_t, topo, "triton")
     for name in ref._fields:
         a, b = getattr(ref, name), getattr(fused, name)
         assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), name
@@ -540,11 +525,20 @@ def classify_parity(device: str) -> None:
     assert n_bad > 0 and n_act > 1000 and 0 < n_two < n_act and n_cross > n_act / 2    # all cases reached
 
 
+def test_classify_backend_is_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown backend is refused, and "triton" without triton says why (no silent fallback)."""
+    _, tets = tet_grid(4)
+    t = torch.from_numpy(tets)
+    sdf = torch.linspace(-1, 1, 27)
+    with pytest.raises(ValueError, match="'backend' must be one of"):
+        classify(sdf, t, tet_topology(t), "cuda")
+    monkeypatch.setattr("geometry.marching_tets._TRITON_MISSING", "triton is not importable (test)")
+    with pytest.raises(MarchingBackendError, match=r"triton is not importable \(test\)"):
+        classify(sdf, t, tet_topology(t), "triton")
+
+
 def test_classify_triton_matches_reference_in_interpreter() -> None:
     """On CPU through TRITON_INTERPRET=1 (a subprocess: triton picks the mode when kernels are defined)."""
-    import os
-    import subprocess
-    import sys
     pytest.importorskip("triton")
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1"}
@@ -582,7 +576,6 @@ def _bubble_sphere_sdf(p: np.ndarray, bubble: float = 0.3) -> np.ndarray:
 def test_sealed_air_matches_a_flood_fill_reference() -> None:
     """scipy.ndimage's labels with the Kuhn stencil, in the bounding box of the inside, against a
     search along the grid's actual tet edges over the whole grid."""
-    from geometry.dmtet import sealed_air
     verts, tets = tet_grid(16)
     edges = tet_edges(torch.from_numpy(tets))
     boundary = (np.abs(verts) == 0.5).any(1)                        # on the grid box's faces
@@ -608,7 +601,6 @@ def test_sealed_air_matches_a_flood_fill_reference() -> None:
 
 
 def test_sealed_air_finds_a_void_and_not_an_open_cavity() -> None:
-    from geometry.dmtet import sealed_air
     p = tet_grid(32)[0] * 2.1
     void = sealed_air(torch.from_numpy(_bubble_sphere_sdf(p)), 32).numpy()
     r = np.linalg.norm(p, axis=1)
@@ -625,7 +617,6 @@ def test_sealed_air_term_fills_a_void_and_keeps_the_outer_surface() -> None:
     """The loss the trainer adds (sealed_air > 0), beside a term that holds the outer surface where
     it is (as the guidance does where views see it): the void goes within a few refreshes and the
     outside stays."""
-    from geometry.dmtet import sealed_air_loss
     torch.manual_seed(0)
     geo = DMTetGeometry(32, 2.1, encoder_opts=SMALL_GRID)
     points = geo.grid_verts

@@ -5,12 +5,17 @@ import json
 import math
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import trimesh
 
+from render.mesh import load_mesh
 from scripts import evaluate as ev
 from scripts import make_reference_meshes as refs
+from scripts import visibility
+from scripts.dmtet_bound import bound
+from scripts.visibility import VisibilityOptions, analyse
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +83,6 @@ def test_thin_parts_are_thin() -> None:
 
 
 def test_textured_reference_loads_with_uvs_and_a_smooth_albedo(tmp_path: Path) -> None:
-    from render.mesh import load_mesh
     path = refs.write_textured(tmp_path / "tex")
     mesh = load_mesh(path)
     assert mesh.v_tex is not None and mesh.material is not None
@@ -159,7 +163,6 @@ def test_psnr_and_ssim_known_values() -> None:
 
 def test_albedo_images_see_the_texture(tmp_path: Path) -> None:
     """Same geometry, different albedo: the normal images agree, the albedo images do not."""
-    import imageio.v3 as iio
     path = refs.write_textured(tmp_path / "a")
     other = refs.write_textured(tmp_path / "b")
     iio.imwrite(other.parent / "albedo.png", np.flip(refs.albedo_pattern(), axis=1).copy())
@@ -184,8 +187,6 @@ def test_cli_writes_json_and_rejects_a_bad_file(tmp_path: Path, capsys: pytest.C
 
 def test_dmtet_bound_is_a_ceiling_that_rises_with_the_grid(ref_dir: dict[str, Path]) -> None:
     """Marching tets on the exact SDF: close to the reference, and closer on a finer grid."""
-    from scripts.dmtet_bound import bound
-
     coarse, fine = (bound(ref_dir["torus"], grid, mesh_scale=2.3) for grid in (16, 32))
     assert fine["chamfer"] < coarse["chamfer"] and fine["iou"] > coarse["iou"], (coarse, fine)
     # At grid 32 (vertex spacing 0.07) the torus tube (radius ~0.2) is represented well.
@@ -196,8 +197,6 @@ def test_dmtet_bound_is_a_ceiling_that_rises_with_the_grid(ref_dir: dict[str, Pa
 # What the training cameras see (scripts/visibility.py)
 # ----------------------------------------------------------------------------------------------
 def test_visibility_finds_the_deep_mugs_hidden_floor_and_how_well_the_cup_is_seen(ref_dir: dict[str, Path]) -> None:
-    from scripts.visibility import VisibilityOptions, analyse
-
     opts = VisibilityOptions(cameras=96, resolution=96, samples=8000, voxels=48, batch=16)
     config = REPO / "configs" / "car_geometry.json"
     mug = analyse(ref_dir["mug"], config, opts=opts)
@@ -229,7 +228,6 @@ def test_visibility_finds_the_deep_mugs_hidden_floor_and_how_well_the_cup_is_see
 
 
 def test_visibility_cli_rejects_bad_input(tmp_path: Path, ref_dir: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
-    from scripts import visibility
     config = str(REPO / "configs" / "car_geometry.json")
     assert visibility.main([str(tmp_path / "nope.obj"), "--config", config]) == 2
     assert "nope.obj" in capsys.readouterr().err

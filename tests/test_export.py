@@ -14,8 +14,8 @@ import torch
 import trimesh
 
 from render.bake import BakedMaps
-from render.export import (TEXTURE_FILES, ExportError, encode_maps, read_png_rgb, srgb_to_linear,
-                           write_glb, write_obj, write_probe)
+from render.export import (MESH_WRITERS, TEXTURE_FILES, ExportError, encode_maps, export_mesh, read_png_rgb,
+                           srgb_to_linear, write_glb, write_obj, write_probe)
 from render.mesh import Mesh, MeshError, load_mesh
 from render.uv import PackOptions, unwrap
 
@@ -259,3 +259,21 @@ def test_write_probe_delegates_to_light_save(tmp_path: Path) -> None:
     assert light.saved == [out] and out.is_file()
     with pytest.raises(ExportError, match="save"):
         write_probe(tmp_path / "probe.hdr", object())
+
+
+def test_a_third_format_is_one_function(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both phases export through export_mesh: a format added to MESH_WRITERS is written beside
+    OBJ and GLB, and the files open in another tool (trimesh)."""
+    mesh, maps = _tiny_textured()
+
+    def write_ply(folder: Path, mesh: Mesh, maps: BakedMaps | None) -> Path:
+        path = folder / "mesh.ply"
+        trimesh.Trimesh(mesh.v_pos.numpy(), mesh.t_pos_idx.numpy(), process=False).export(path)
+        return path
+
+    monkeypatch.setitem(MESH_WRITERS, "ply", write_ply)
+    written = export_mesh(tmp_path / "out", mesh, maps)
+    assert [p.name for p in written] == ["mesh.obj", "mesh.glb", "mesh.ply"]
+    for path in written:
+        loaded = trimesh.load(path, force="mesh", process=False)
+        assert len(loaded.faces) == len(mesh.t_pos_idx), path.name

@@ -14,11 +14,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import trimesh
 
 import train
+from geometry.fixed_mesh import FixedMeshGeometry
+from render.export import read_png_rgb
+from render.light import read_hdr
 from tests.test_export import run_gltf_validator
 
 # One process, no emulate_gpus: the trainer's sector-coverage advice is expected here.
@@ -45,8 +50,6 @@ def write_config(folder: Path, name: str, values: dict[str, Any]) -> Path:
 
 def write_user_mesh(path: Path) -> Path:
     """A lumpy ellipsoid OBJ with no UVs: not symmetric, so wrong orientations would show."""
-    import trimesh
-
     mesh = trimesh.creation.icosphere(subdivisions=3)
     mesh.apply_scale([0.55, 0.7, 0.45])
     mesh.vertices += 0.05 * np.sin(4.0 * mesh.vertices[:, [1, 2, 0]])
@@ -87,8 +90,6 @@ def mtl_references(mtl_path: Path) -> list[str]:
 # The run folder
 # ------------------------------------------------------------------------------------------------
 def test_appearance_run_writes_the_run_folder(e2e: dict[str, Path]) -> None:
-    import imageio.v3 as iio
-
     run = e2e["appearance"]
     resolved = json.loads((run / "config.json").read_text())
     assert resolved["mode"] == "appearance_modeling" and resolved["base_mesh"] == str(e2e["base_mesh"])
@@ -119,9 +120,6 @@ def test_appearance_run_writes_the_run_folder(e2e: dict[str, Path]) -> None:
 # OBJ / MTL / textures
 # ------------------------------------------------------------------------------------------------
 def test_obj_reloads_in_trimesh_with_uvs_and_all_textures(e2e: dict[str, Path]) -> None:
-    import trimesh
-    from render.export import read_png_rgb
-
     out = e2e["appearance"] / "dmtet_mesh"
     refs = mtl_references(out / "mesh.mtl")
     assert sorted(refs) == sorted(TEXTURES)
@@ -140,8 +138,6 @@ def test_obj_reloads_in_trimesh_with_uvs_and_all_textures(e2e: dict[str, Path]) 
 
 
 def test_normal_map_decodes_to_unit_upward_vectors(e2e: dict[str, Path]) -> None:
-    from render.export import read_png_rgb
-
     nrm = read_png_rgb(e2e["appearance"] / "dmtet_mesh" / "texture_n.png").astype(np.float64) / 255.0 * 2 - 1
     length = np.linalg.norm(nrm, axis=-1)
     assert np.abs(length - 1).max() <= 0.02
@@ -152,8 +148,6 @@ def test_normal_map_decodes_to_unit_upward_vectors(e2e: dict[str, Path]) -> None
 # GLB and probe
 # ------------------------------------------------------------------------------------------------
 def test_glb_passes_khronos_validator(e2e: dict[str, Path]) -> None:
-    import trimesh
-
     glb = e2e["appearance"] / "dmtet_mesh" / "mesh.glb"
     report = run_gltf_validator(glb)
     messages = "\n".join(f"{m['severity']} {m['code']} {m.get('pointer', '')}: {m['message']}"
@@ -165,8 +159,6 @@ def test_glb_passes_khronos_validator(e2e: dict[str, Path]) -> None:
 
 
 def test_probe_is_the_environment_as_hdr(e2e: dict[str, Path]) -> None:
-    from render.light import read_hdr
-
     probe = read_hdr(e2e["appearance"] / "dmtet_mesh" / "probe.hdr")
     assert probe.shape[1] == 2 * probe.shape[0]            # lat-long
     assert np.isfinite(probe).all() and probe.min() >= 0 and probe.max() > 0
@@ -177,9 +169,6 @@ def test_probe_is_the_environment_as_hdr(e2e: dict[str, Path]) -> None:
 # The output goes back in
 # ------------------------------------------------------------------------------------------------
 def test_exported_obj_is_accepted_as_base_mesh(e2e: dict[str, Path], tiny_sd_path: Path) -> None:
-    import trimesh
-    from geometry.fixed_mesh import FixedMeshGeometry
-
     exported = e2e["appearance"] / "dmtet_mesh" / "mesh.obj"
     # Its UVs are read back, not re-unwrapped: the baked textures stay valid for this mesh.
     assert not FixedMeshGeometry(exported).unwrapped

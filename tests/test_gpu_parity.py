@@ -15,10 +15,12 @@ import trimesh
 
 from config import resolve_path
 from dataset.cameras import CameraOptions, azimuth_sector, sample_train_cameras
-from geometry.dmtet import CapacityPlanner, DMTetGeometry
+from geometry.dmtet import DMTetGeometry
+from geometry.marching_tets import CapacityPlanner
 from geometry.fixed_mesh import FixedMeshGeometry
 from geometry.hashgrid import HashGridOptions, make_encoder, triton_unavailable_reason
-from phases import NormalStageRenderer
+from guidance.base import input_for
+from phases.geometry import NormalStageRenderer
 from render import raster
 from render.cuda_graph import GraphedFunction
 from render.pbr_render import rasterize_gbuffer_on
@@ -126,7 +128,7 @@ def test_stage_renderer_graph_matches_eager(stage: str) -> None:
         outs, grads = [], []
         for renderer in (graphed, eager):
             verts = bumped.clone().requires_grad_(True)
-            x = renderer(verts, faces, cams, stage)
+            x = renderer(verts, faces, cams, input_for(stage, cfg_on))
             grad_out = torch.sin(torch.arange(x.numel(), device="cuda", dtype=x.dtype).view_as(x))
             (g,) = torch.autograd.grad(x, verts, grad_out)
             outs.append(x.clone())

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from geometry.hashgrid import (GridLayout, HashGridBackendError, HashGridOptions, PRIMES,
-                               make_encoder, published_adamw, triton_unavailable_reason)
+from geometry.hashgrid import (GridLayout, HashGridBackendError, HashGridOptions, PRIMES, hash_encode_torch,
+                               make_encoder, normalize_to_aabb, published_adamw, triton_unavailable_reason)
 from geometry.sdf_net import SDFNetwork
+from scripts.dev.gpu_check_hashgrid import TOLERANCES
 
 REPO = Path(__file__).resolve().parent.parent
 AABB = torch.tensor([[-1.0, -2.0, -0.5], [1.0, 2.0, 0.5]])
@@ -84,8 +85,6 @@ def test_reference_gradients_match_finite_differences() -> None:
 
 
 def _encode_with_table(enc, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    from geometry.hashgrid import hash_encode_torch, normalize_to_aabb
-
     return hash_encode_torch(normalize_to_aabb(x, enc.aabb), table, enc.layout)
 
 
@@ -206,5 +205,4 @@ def test_triton_kernel_matches_reference_in_interpreter(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     parity = json.loads(out.read_text())["parity"]
-    from scripts.dev.gpu_check_hashgrid import TOLERANCES
     assert set(TOLERANCES) <= set(parity) and all(parity[k] < tol for k, tol in TOLERANCES.items()), parity

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from PIL import Image
 
 from render.mesh import (
     Mesh,
@@ -24,8 +25,6 @@ from render.mesh import (
 
 
 def _textured_box() -> trimesh.Trimesh:
-    from PIL import Image
-
     box = trimesh.creation.box()
     rng = np.random.default_rng(0)
     uv = rng.random((len(box.vertices), 2))

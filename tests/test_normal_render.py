@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import trimesh
 
 from dataset.cameras import CameraOptions, validation_cameras
 from render import raster
+from render.mesh import Mesh, compute_vertex_normals
 from render.normal_render import NormalRenderError, _ShadeNormals, normal_to_display, render_normal_mask
+from render.util import resize_bilinear_aa
 
 CTX = raster.make_context("cpu")
 RES = (48, 48)
@@ -105,7 +108,6 @@ def test_bad_inputs() -> None:
 # ------------------------------------------------------------------------------------------------
 def _reference_render_normal_mask(ctx, verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, resolution,
                                   normal_rotate_bx3x3=None, flip_normal=False):
-    from render.mesh import Mesh, compute_vertex_normals
     tri = faces_fx3.to(torch.int32)
     mesh = compute_vertex_normals(Mesh(v_pos=verts_vx3, t_pos_idx=faces_fx3.long()))
     homog = torch.cat([verts_vx3, torch.ones_like(verts_vx3[:, :1])], dim=1)
@@ -264,9 +266,6 @@ RESIZE_CASES = [((2, 128, 128, 4), (16, 16)), ((1, 37, 53, 3), (8, 11)), ((1, 16
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("shape, size", RESIZE_CASES)
 def test_latent_resize_equals_antialiased_interpolate(device: str, shape: tuple, size: tuple) -> None:
-    import torch.nn.functional as F
-    from render.util import resize_bilinear_aa
-
     gen = torch.Generator().manual_seed(4)
     # float64 on the CPU: the two differ only by summation order (~1e-16); float32 on CUDA, where
     # both run in single precision over <= 16 taps per axis (~1e-6 of values of order 1).
@@ -287,7 +286,6 @@ def test_latent_resize_equals_antialiased_interpolate(device: str, shape: tuple,
 
 
 def test_latent_resize_rejects_bad_input() -> None:
-    from render.util import resize_bilinear_aa
     with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
         resize_bilinear_aa(torch.zeros(8, 8, 4), (4, 4))
     with pytest.raises(ValueError, match="size"):

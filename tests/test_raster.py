@@ -264,6 +264,20 @@ def test_backend_selection() -> None:
         raster.texture(tex, uv, backend="nvdiffrast")
 
 
+def test_missing_nvdiffrast_is_an_error_when_asked_for_and_a_warned_fallback_under_auto(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A CUDA machine without nvdiffrast: its import error is the reason given."""
+    monkeypatch.setattr(raster, "_nvdiffrast", None)
+    monkeypatch.setattr(raster, "_nvdiffrast_import_error", ImportError("No module named 'nvdiffrast'"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RasterBackendError, match=r"cannot import nvdiffrast.torch \(No module named 'nvdiffrast'\)"):
+        raster.make_context("cuda:0", backend="nvdiffrast")
+    with caplog.at_level("WARNING", logger=raster.log.name):
+        ctx = raster.make_context("cuda:0", backend="auto")
+    assert ctx.backend == "torch" and ctx.device == torch.device("cuda:0")
+    assert "No module named 'nvdiffrast'" in caplog.text
+
+
 def test_explicit_nvdiffrast_refuses_cpu_tensors_once_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
     # On a GPU machine nvdiffrast is usually loaded by an earlier call; CPU tensors must still get
     # the clear error instead of reaching the CUDA plugin (it failed there with a CUDAGuard error).

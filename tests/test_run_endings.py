@@ -3,14 +3,17 @@ a run, out of GPU memory, and a failing process of a torchrun group.
 
 Each ending is checked for what the user sees (one line, no traceback, the documented exit code),
 what the run folder says (status.json, a log with each iteration once, an intact checkpoint) and
-that `resume=auto` then finishes with exactly the mesh of an uninterrupted run. The moments are
-exact: the F3D_TEST_FAULT hook (faults.py) makes the run signal itself at a named point.
+that `resume=auto` continues from it: one run folder goes through every ending in turn and then
+finishes with exactly the mesh of an uninterrupted run. The moments are exact: the F3D_TEST_FAULT
+hook (faults.py) makes the run signal itself at a named point.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,20 +23,28 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import trimesh
 
+import distributed
 import faults
+from config import build_config
+from phases import GeometryPhase
 from run_status import (RunInterrupted, RunProgress, RunSignals, RunStatus, failed, stopped_at_once,
                         stopped_between_steps)
 from tests.run_helpers import read_log, run_train
-from trainer import rewrite_log
+from trainer import out_of_memory_message, rewrite_log
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny_cpu_geometry.json"
-# The tiny demo config, shortened: 6 iterations with checkpoints at 2, 4, 6, and a short pretraining
+# The tiny demo config, shortened: 10 iterations with a checkpoint every 2, and a short pretraining
 # of a larger ellipsoid (80 steps leave a loose fit, but a surface: the run only has to be the same
-# with and without an interrupt).
-SHORT = ["iter=6", "coarse_iter=3", "save_interval=2", "sdf_init_iter=80", "sdf_init_shape_scale=[1,1,1]",
-         "validate=false"]
+# with and without interrupts). No video and no TensorBoard: no ending below is in the video, and
+# TensorBoard's import costs each process seconds (the one ending that still writes to it turns it
+# on).
+ITERATIONS = 10
+CONTINUED = ITERATIONS + 4          # the straight run continued: see _continued_from
+SHORT = [f"iter={ITERATIONS}", "coarse_iter=3", "save_interval=2", "sdf_init_iter=80",
+         "sdf_init_shape_scale=[1,1,1]", "validate=false", "video_frames=0", "tensorboard=off"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,9 +119,6 @@ def test_status_json_is_written_only_once_the_run_folder_exists(tmp_path: Path) 
 
 
 def test_out_of_memory_message_names_the_sizes_and_the_keys() -> None:
-    import distributed
-    from config import build_config
-    from trainer import out_of_memory_message
     cfg = build_config({"mode": "geometry_modeling", "text": "a cup", "batch": 4, "train_res": [512, 512],
                         "dmtet_grid": 256})
     info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -139,7 +147,6 @@ def _train_process(run_dir: Path, tiny_sd: Path, fault: str | None, *extra: str)
 
 
 def _mesh(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    import trimesh
     mesh = trimesh.load(run_dir / "dmtet_mesh" / "mesh.obj", force="mesh", process=False)
     return np.asarray(mesh.vertices), np.asarray(mesh.faces)
 
@@ -149,68 +156,96 @@ def _status(run_dir: Path) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path) -> tuple[np.ndarray, np.ndarray]:
+def straight_run(tmp_path_factory: pytest.TempPathFactory, tiny_sd_path: Path) -> Path:
+    """The uninterrupted run (in this process: its imports are paid once). Its folder also seeds
+    the runs below that only need a trained checkpoint."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    proc = _train_process(run_dir, tiny_sd_path, None)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run_train(TINY_CONFIG, f"sd_model={tiny_sd_path}", f"out_dir={run_dir}", *SHORT) == 0
     assert _status(run_dir)["state"] == "finished" and _status(run_dir)["exit_code"] == 0
-    vertices, faces = _mesh(run_dir)
-    assert len(faces) > 100                                # a surface, not an empty export
-    return vertices, faces
+    assert [r["it"] for r in read_log(run_dir)] == list(range(1, ITERATIONS + 1))
+    assert len(_mesh(run_dir)[1]) > 100                    # a surface, not an empty export
+    return run_dir
 
 
-# (fault, exit code, checkpoint iteration afterwards (None: no checkpoint), mesh exported, overrides)
-INTERRUPTS = {
-    "SIGINT during pretraining": ("pretrain:10:SIGINT", 130, None, False, []),
-    "SIGTERM during pretraining": ("pretrain:10:SIGTERM", 143, None, False, []),
-    # The stop rides in the next step's all-reduce: the run stops, and checkpoints, one step later.
-    "SIGINT during training": ("train:3:SIGINT", 130, 4, True, []),
-    "SIGTERM during training": ("train:3:SIGTERM", 143, 4, False, []),
-    # The checkpoint being written is finished first, then the run quits.
-    "second SIGINT while checkpointing": ("train:3:SIGINT,checkpoint:4:SIGINT", 130, 4, False, []),
-    "SIGINT during the export": ("export:1:SIGINT", 130, 6, False, []),
-    "SIGTERM during the export": ("export:1:SIGTERM", 143, 6, False, []),
-    # Killed with iterations 4 and 5 logged after the checkpoint of 3 (checkpoints do not change
-    # the training, so the run still matches the straight one); and while last.pt's successor is
-    # half written, with 3 and 4 logged after the checkpoint of 2.
-    "SIGKILL during training": ("train:6:SIGKILL", -signal.SIGKILL, 3, False, ["save_interval=3"]),
-    "SIGKILL during a checkpoint write": ("checkpoint:4:SIGKILL", -signal.SIGKILL, 2, False, []),
-}
+def _continued_from(straight: Path, tmp_path: Path) -> Path:
+    """A copy of the finished straight run, to be continued past its end (iter=CONTINUED): such a
+    run starts at its first training step, where the endings below happen, with no SDF pretraining
+    before it. Its export is removed, so a mesh found afterwards is this run's."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    shutil.rmtree(run_dir / "dmtet_mesh")
+    return run_dir
+
+
+# One run folder taken through every ending in turn: each process resumes (resume=auto) from the
+# state the previous ending left, so each ending is also one resumed from, and the last resume must
+# export exactly the straight run's mesh. Fault points count iterations across resumes.
+# (name, F3D_TEST_FAULT, exit code, checkpoint iteration afterwards (None: none), mesh exported,
+#  overrides)
+ENDINGS = [
+    # Stopped at once, before any checkpoint: resume=auto starts over. (SIGTERM takes this path
+    # at the export below.)
+    ("SIGINT during pretraining", "pretrain:10:SIGINT", 130, None, False, []),
+    # Killed while last.pt's successor is half written: last.pt (2) stays intact, iterations 3
+    # and 4 are logged after it; the next run drops them (and the stale .tmp).
+    ("SIGKILL during a checkpoint write", "checkpoint:4:SIGKILL", -signal.SIGKILL, 2, False, []),
+    # Killed between checkpoints, with iteration 3 logged after the checkpoint of 2 (the next
+    # checkpoint moved to 5; checkpoints do not change the training).
+    ("SIGKILL during training", "train:5:SIGKILL", -signal.SIGKILL, 2, False, ["save_interval=5"]),
+    # The stop rides in the next step's all-reduce: the run stops, and checkpoints, one step later;
+    # SIGTERM (a scheduler about to kill the job) skips the export.
+    ("SIGTERM during training", "train:3:SIGTERM", 143, 4, False, []),
+    # The checkpoint being written is finished first, then the run quits, unexported.
+    ("second SIGINT while checkpointing", "train:5:SIGINT,checkpoint:6:SIGINT", 130, 6, False, []),
+    # Ctrl-C once: stops a step later as SIGTERM does, but exports the mesh of that step.
+    ("SIGINT during training", "train:7:SIGINT", 130, 8, True, []),
+    # Stopped at once with every iteration checkpointed: the resumed run only exports. (SIGINT
+    # takes this path during the pretraining above.)
+    ("SIGTERM during the export", "export:1:SIGTERM", 143, 10, False, []),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", list(INTERRUPTS), ids=[case.replace(" ", "-") for case in INTERRUPTS])
-def test_interrupted_run_says_so_and_resumes_to_the_same_mesh(case: str, tmp_path: Path, tiny_sd_path: Path,
-                                                              uninterrupted: tuple[np.ndarray, np.ndarray]) -> None:
-    fault, code, checkpoint_it, exported, overrides = INTERRUPTS[case]
+def test_every_ending_says_so_and_resumes_to_the_same_mesh(tmp_path: Path, tiny_sd_path: Path,
+                                                          straight_run: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = _train_process(run_dir, tiny_sd_path, fault, *overrides)
-    assert proc.returncode == code, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    status = _status(run_dir)
     ckpt = run_dir / "checkpoints" / "last.pt"
-    assert not ckpt.with_name("last.pt.tmp").exists() or code == -signal.SIGKILL
-    if checkpoint_it is None:
-        assert not ckpt.exists()
-    else:
-        assert torch.load(ckpt, map_location="cpu", weights_only=False)["it"] == checkpoint_it
-    assert (run_dir / "dmtet_mesh" / "mesh.obj").exists() == exported
-    if code == -signal.SIGKILL:
-        assert status["state"] == "running"                # killed outright: nothing could say otherwise
-        assert len(read_log(run_dir)) > checkpoint_it       # the log ran ahead of the checkpoint
-    else:
-        ending = [line for line in proc.stderr.splitlines() if line.startswith("stopped by")]
-        assert len(ending) == 1 and "resume=auto" in ending[0], proc.stderr[-3000:]
-        assert proc.stderr.rstrip().endswith(ending[0])     # the last word of the run
-        assert status["state"] == "interrupted" and status["exit_code"] == code
-        assert status["signal"] == signal.Signals(code - 128).name and status["message"] == ending[0]
+    for case, fault, code, checkpoint_it, exported, overrides in ENDINGS:
+        # TensorBoard's import costs each process seconds; it stays on (as in a user's run) for
+        # the Ctrl-C that exports, the ending that still writes to it.
+        board = "tensorboard=auto" if exported else "tensorboard=off"
+        resume = [] if checkpoint_it is None else ["resume=auto"]   # the first run starts the folder
+        proc = _train_process(run_dir, tiny_sd_path, fault, board, *resume, *overrides)
+        assert proc.returncode == code, (case, proc.stderr[-3000:])
+        assert "Traceback" not in proc.stderr, (case, proc.stderr[-3000:])
+        status = _status(run_dir)
+        assert not ckpt.with_name("last.pt.tmp").exists() or code == -signal.SIGKILL, case
+        if checkpoint_it is None:
+            assert not ckpt.exists(), case
+        else:
+            assert torch.load(ckpt, map_location="cpu", weights_only=False)["it"] == checkpoint_it, case
+        assert (run_dir / "dmtet_mesh" / "mesh.obj").exists() == exported, case
+        if code == -signal.SIGKILL:
+            assert status["state"] == "running", case         # killed outright: nothing could say otherwise
+            assert len(read_log(run_dir)) > checkpoint_it, case   # the log ran ahead of the checkpoint
+        else:
+            ending = [line for line in proc.stderr.splitlines() if line.startswith("stopped by")]
+            assert len(ending) == 1 and "resume=auto" in ending[0], (case, proc.stderr[-3000:])
+            assert proc.stderr.rstrip().endswith(ending[0]), case   # the last word of the run
+            assert status["state"] == "interrupted" and status["exit_code"] == code, case
+            assert status["signal"] == signal.Signals(code - 128).name and status["message"] == ending[0], case
+            # Each iteration logged once, up to the checkpoint (the resume dropped what ran ahead).
+            logged = read_log(run_dir) if (run_dir / "log.jsonl").exists() else []
+            assert [r["it"] for r in logged] == list(range(1, (checkpoint_it or 0) + 1)), case
+        if exported:
+            shutil.rmtree(run_dir / "dmtet_mesh")                 # the later checks are of later runs
 
-    assert run_train(TINY_CONFIG, f"sd_model={tiny_sd_path}", f"out_dir={run_dir}", *SHORT, *overrides,
-                     "resume=auto") == 0
-    assert [r["it"] for r in read_log(run_dir)] == list(range(1, 7))
+    assert run_train(TINY_CONFIG, f"sd_model={tiny_sd_path}", f"out_dir={run_dir}", *SHORT, "resume=auto") == 0
+    assert [r["it"] for r in read_log(run_dir)] == list(range(1, ITERATIONS + 1))
     assert _status(run_dir)["state"] == "finished"
     vertices, faces = _mesh(run_dir)
-    assert np.array_equal(faces, uninterrupted[1]) and np.array_equal(vertices, uninterrupted[0])
+    straight_vertices, straight_faces = _mesh(straight_run)
+    assert np.array_equal(faces, straight_faces) and np.array_equal(vertices, straight_vertices)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,38 +253,39 @@ def test_interrupted_run_says_so_and_resumes_to_the_same_mesh(case: str, tmp_pat
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_lower(tmp_path: Path, tiny_sd_path: Path,
+                                                                   straight_run: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
-    from phases import GeometryPhase
     step = GeometryPhase.step
+    failing, saved = ITERATIONS + 3, ITERATIONS + 2        # the third step after the resume; the second
 
     def step_out_of_memory(self, it, cams, generator):
-        if it == 5:
+        if it == failing:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return step(self, it, cams, generator)
 
     monkeypatch.setattr(GeometryPhase, "step", step_out_of_memory)
-    run_dir = tmp_path / "run"
-    assert run_train(TINY_CONFIG, f"sd_model={tiny_sd_path}", f"out_dir={run_dir}", *SHORT) == 3
+    run_dir = _continued_from(straight_run, tmp_path)
+    assert run_train(TINY_CONFIG, f"sd_model={tiny_sd_path}", f"out_dir={run_dir}", *SHORT, f"iter={CONTINUED}",
+                     "resume=auto") == 3
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    for part in ("out of GPU memory during training iteration 5 (geometry_fine stage)", "batch 1",
+    for part in (f"out of GPU memory during training iteration {failing} (geometry_fine stage)", "batch 1",
                  "train_res [64, 64]", "dmtet_grid 32", "GPU memory in use", "emulate_gpus",
-                 "checkpoint of iteration 4", "resume=auto"):
+                 f"checkpoint of iteration {saved}", "resume=auto"):
         assert part in lines[0], (part, lines[0])
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
-    assert ckpt["it"] == 4 and not (run_dir / "checkpoints" / "last.pt.tmp").exists()
+    assert ckpt["it"] == saved and not (run_dir / "checkpoints" / "last.pt.tmp").exists()
     status = _status(run_dir)
-    assert status["state"] == "failed" and status["exit_code"] == 3 and status["checkpoint_iteration"] == 4
-    assert [r["it"] for r in read_log(run_dir)] == [1, 2, 3, 4]   # the failed step is not logged
+    assert status["state"] == "failed" and status["exit_code"] == 3 and status["checkpoint_iteration"] == saved
+    assert [r["it"] for r in read_log(run_dir)] == list(range(1, saved + 1))   # the failed step is not logged
 
 
 # ------------------------------------------------------------------------------------------------
 # Slow: one process of a torchrun group fails
 # ------------------------------------------------------------------------------------------------
 def _free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -266,37 +302,53 @@ def _processes_with(marker: str) -> list[int]:
     return pids
 
 
+def _torchrun(run_dir: Path, config: Path, tiny_sd: Path, fault: str) -> tuple[list[str], dict[str, str]]:
+    """Two gloo processes continuing the straight run's checkpoint (written by one process: the
+    ranks restart their random streams, a warning) from its iteration ITERATIONS."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", faults.ENV: fault}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "train.py", "--config", str(config), f"sd_model={tiny_sd}",
+           f"out_dir={run_dir}", *SHORT, "batch=1", f"iter={CONTINUED}", "resume=auto"]
+    return cmd, env
+
+
+def _resumed_or_failed(status: dict[str, Any], earlier_pid: int) -> bool:
+    return status["pid"] != earlier_pid and (status["message"] == f"resumed at iteration {ITERATIONS}"
+                                             or status["state"] == "failed")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 @pytest.mark.parametrize("action", ["error", "SIGKILL"])
-def test_a_failing_rank_ends_the_whole_group_within_a_minute(action: str, tmp_path: Path, tiny_sd_path: Path) -> None:
-    run_dir = tmp_path / "run"
+def test_a_failing_rank_ends_the_whole_group_within_a_minute(action: str, tmp_path: Path, tiny_sd_path: Path,
+                                                             straight_run: Path) -> None:
+    run_dir = _continued_from(straight_run, tmp_path)
     config = tmp_path / "ddp.json"                          # a unique path: finds this run's processes
     config.write_text(TINY_CONFIG.read_text())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", faults.ENV: f"train:3:{action}:1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "train.py", "--config", str(config), f"sd_model={tiny_sd_path}",
-           f"out_dir={run_dir}", *SHORT, "batch=1"]
+    # Rank 1 fails at the start of the group's first iteration.
+    cmd, env = _torchrun(run_dir, config, tiny_sd_path, f"train:{ITERATIONS + 1}:{action}:1")
+    earlier = _status(run_dir)["pid"]                       # the straight run's
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        log = run_dir / "log.jsonl"
         deadline = time.monotonic() + 400
-        while not (log.exists() and log.read_text()):        # iteration 1 is logged during iteration 2
+        # Rank 0 marks the resume in status.json just before the group's first iteration (or,
+        # should this loop look a moment too late, already the failure).
+        while not _resumed_or_failed(_status(run_dir), earlier):
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.2)
-        failing_soon = time.monotonic()                      # rank 1 fails at the start of iteration 3
+            time.sleep(0.05)
+        failing_soon = time.monotonic()
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - failing_soon
     finally:
         if proc.poll() is None:
             proc.kill()
-    print(f"{action} on rank 1: the group ended {took:.1f} s after iteration 1 was logged")
+    print(f"{action} on rank 1: the group ended {took:.1f} s after the resume")
     assert took < 60, took
     assert proc.returncode != 0
     assert _processes_with(str(config)) == []               # no worker left behind
     if action == "error":                                     # the failing rank's own message
-        assert "error (rank 1 of 2): test fault at train 3 on rank 1" in err, err[-4000:]
+        assert f"error (rank 1 of 2): test fault at train {ITERATIONS + 1} on rank 1" in err, err[-4000:]
     else:                                                     # a killed rank has none; torchrun names it
         assert "Signal 9 (SIGKILL)" in err, err[-4000:]
     # Rank 0 tells why it stopped, in one line and in status.json, without a traceback of its own.
@@ -309,20 +361,20 @@ def test_a_failing_rank_ends_the_whole_group_within_a_minute(action: str, tmp_pa
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
-def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path, tiny_sd_path: Path) -> None:
-    """SIGTERM reaching rank 1 alone: the request rides in the step's all-reduce, so both ranks
-    stop after iteration 4, and rank 0 checkpoints it and says so."""
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", faults.ENV: "train:3:SIGTERM:1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "train.py", "--config", str(TINY_CONFIG), f"sd_model={tiny_sd_path}",
-           f"out_dir={run_dir}", *SHORT, "batch=1"]
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path, tiny_sd_path: Path,
+                                                                   straight_run: Path) -> None:
+    """SIGTERM reaching rank 1 alone (before the group's first iteration): the request rides in
+    the step's all-reduce, so both ranks stop after the next iteration, and rank 0 checkpoints it
+    and says so."""
+    run_dir = _continued_from(straight_run, tmp_path)
+    first, stop = ITERATIONS + 1, ITERATIONS + 2
+    cmd, env = _torchrun(run_dir, TINY_CONFIG, tiny_sd_path, f"train:{first}:SIGTERM:1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0
     # torchrun reports the first exit (143); it then sends SIGTERM to a rank still finishing, which
     # may end it after its own ending was written (its exit code shows -15 then).
     assert "exitcode  : 143" in proc.stderr, proc.stderr[-4000:]
-    assert "stopped by SIGTERM after iteration 4 of 6" in proc.stderr, proc.stderr[-4000:]
-    assert torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["it"] == 4
-    assert [r["it"] for r in read_log(run_dir)] == [1, 2, 3, 4]
+    assert f"stopped by SIGTERM after iteration {stop} of {CONTINUED}" in proc.stderr, proc.stderr[-4000:]
+    assert torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)["it"] == stop
+    assert [r["it"] for r in read_log(run_dir)] == list(range(1, stop + 1))
     assert _status(run_dir)["state"] == "interrupted" and not (run_dir / "dmtet_mesh").exists()

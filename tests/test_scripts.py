@@ -62,7 +62,8 @@ def test_full_scale_quality_builds_references_and_rejects_an_unknown_job(tmp_pat
     assert all((refs / f"{name}.obj").is_file() for name in ("mug", "cup", "bowl", "thin_parts", "torus"))
 
 
-@pytest.mark.parametrize("script", ["scripts/dev/full_scale_quality.sh", "scripts/dev/readme_figures.sh"])
+@pytest.mark.parametrize("script", ["scripts/dev/full_scale_quality.sh", "scripts/dev/readme_figures.sh",
+                                    "scripts/dev/ab_bench.sh"])
 def test_shell_scripts_parse(script: str) -> None:
     proc = subprocess.run(["bash", "-n", script], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -88,7 +89,7 @@ def test_gpu_check_shading_times_the_path_on_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("script", ["scripts/dev/pretraining_fit.py", "scripts/dev/cup_null_space.py",
-                                    "scripts/dev/host_window.py"])
+                                    "scripts/dev/host_window.py", "scripts/dev/fingerprint.py"])
 def test_gpu_scripts_import_and_explain_themselves(script: str) -> None:
     """Scripts whose real run needs a GPU or tens of minutes: their imports resolve and --help works."""
     proc = run_script(script, "--help", timeout=120)

@@ -17,10 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+from huggingface_hub import constants
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import sd
-from sd import (GuidanceOptions, GuidanceOptionsError, InvalidModelFolderError,
-                ModelNotFoundError, SpecifyGradient, StableDiffusionGuidance, sample_timesteps,
+from model_files import InvalidModelFolderError, ModelNotFoundError
+from sd import (GuidanceOptions, GuidanceOptionsError, SpecifyGradient, StableDiffusionGuidance, sample_timesteps,
                 sds_from_eps, sds_weight, stage_for, time_range)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,9 +85,6 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def ref(tiny_sd_path: Path) -> Reference:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     path = str(tiny_sd_path)
     return Reference(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
@@ -125,9 +126,6 @@ def test_negative_prompt_defaults_per_mode() -> None:
 
 
 def test_models_frozen_eval_fp32_sdpa(geo: StableDiffusionGuidance) -> None:
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from transformers import CLIPTextModel
-
     assert all(not p.requires_grad for p in geo.parameters())
     assert not geo.unet.training and not geo.vae.training
     assert geo.unet.dtype == torch.float32 and geo.vae.dtype == torch.float32
@@ -138,8 +136,6 @@ def test_models_frozen_eval_fp32_sdpa(geo: StableDiffusionGuidance) -> None:
 
 
 def test_text_encoder_is_freed(tiny_sd_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from transformers import CLIPTextModel
-
     loaded: list[weakref.ref] = []
     original = sd._load_component
 
@@ -434,9 +430,7 @@ def test_nonfinite_render_skips_full_sds_step(geo: StableDiffusionGuidance) -> N
 
 def _offline_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """Unreachable hub + empty cache. huggingface_hub reads env vars at import, so also patch
-    its constants module (which sd.py reads at call time)."""
-    from huggingface_hub import constants
-
+    its constants module (which model_files.py reads at call time)."""
     cache = tmp_path / "hf_home" / "hub"
     cache.mkdir(parents=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -473,11 +467,11 @@ def test_missing_model_error_in_fresh_offline_process(tmp_path: Path) -> None:
     """The real environment-variable path: HF_HUB_OFFLINE=1 and an empty HF_HOME at import."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "home"))
-    code = ("import sd\n"
+    code = ("import model_files, sd\n"
             "try:\n"
             "    sd.StableDiffusionGuidance(sd.GuidanceOptions("
             "sd_model='stabilityai/stable-diffusion-2-base'), 'cpu')\n"
-            "except sd.ModelNotFoundError as exc:\n"
+            "except model_files.ModelNotFoundError as exc:\n"
             "    print(exc)\n"
             "    raise SystemExit(3)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from geometry.dmtet import DMTetGeometry
+from geometry.fixed_mesh import FixedMeshGeometry
 from geometry.hashgrid import HashGridOptions
 from geometry.sdf_init import (LOOSE_FIT_MSE, InitShape, InitShapeOptions, SdfInitError, SdfInitWarning,
                                check_pretraining_fit, check_shape_in_grid, make_training_samples, pretrain_sdf)
+from render.mesh import Mesh, load_mesh
 
 igl = pytest.importorskip("igl")
 trimesh = pytest.importorskip("trimesh")
@@ -209,7 +211,6 @@ def test_pretrain_open_torus_mesh_iou(tmp_path: Path, one_thread) -> None:
     pretrain_sdf(geo, shape, iters=400, batch_size=2048)
 
     # Ground truth: the analytic (closed) torus under the same normalization and transform.
-    from render.mesh import load_mesh
     v = load_mesh(path).v_pos.double().numpy()
     centre, radius = v.mean(0), np.linalg.norm(v - v.mean(0), axis=1).max()
 
@@ -226,7 +227,6 @@ def test_pretrain_open_torus_mesh_iou(tmp_path: Path, one_thread) -> None:
 # Fixed-mesh geometry (appearance phase)
 
 def test_fixed_mesh_unwraps_and_builds_frames(tmp_path: Path, caplog) -> None:
-    from geometry.fixed_mesh import FixedMeshGeometry
 
     path = _write_obj(tmp_path / "box.obj", np.asarray(trimesh.creation.box().vertices) * 2 + 5,
                       np.asarray(trimesh.creation.box().faces))
@@ -242,9 +242,7 @@ def test_fixed_mesh_unwraps_and_builds_frames(tmp_path: Path, caplog) -> None:
 
 
 def test_fixed_mesh_keeps_existing_uvs_and_pads_flat_aabb() -> None:
-    from render.mesh import Mesh
 
-    from geometry.fixed_mesh import FixedMeshGeometry
 
     quad = Mesh(v_pos=torch.tensor([[0.0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]]),
                 t_pos_idx=torch.tensor([[0, 1, 2], [0, 2, 3]]),

@@ -1,4 +1,9 @@
 """G-buffer shading: modes, background compositing, ranges, gradients."""
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,10 +85,6 @@ def test_argument_errors(light):
 
 def _reference_shade_gbuffer():
     """The previous boolean-mask implementation (git history), loaded as the reference."""
-    import subprocess
-    import sys
-    import types
-    from pathlib import Path
     root = Path(__file__).resolve().parent.parent
     src = subprocess.run(["git", "show", "775c342:render/shading.py"], cwd=root, capture_output=True,
                          text=True)

@@ -7,13 +7,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
+import trimesh
+from PIL import Image
 
 import tb_log
+from config import ConfigError
 from tests.run_helpers import read_log, run_train, write_config
 
 pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install -r requirements.txt)")
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.util import tensor_util  # noqa: E402
 
 # Two iterations (coarse, fine), a save point at each, a 3-frame turntable. The SDF pretraining of
 # this shape and seed is the shortest that leaves a surface on the 32 grid.
@@ -27,7 +33,6 @@ SIZES = {"scalars": 0, "images": 0, "tensors": 0, "histograms": 0}   # 0: keep e
 
 def events(folder: Path):
     """Every event under `folder`, through TensorBoard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(folder), size_guidance=SIZES)
     acc.Reload()
     return acc
@@ -58,10 +63,6 @@ def test_scalars_equal_the_log(tb_run: Path) -> None:
 
 @pytest.mark.slow
 def test_images_turntable_and_mesh(tb_run: Path) -> None:
-    import imageio.v3 as iio
-    import trimesh
-    from tensorboard.util import tensor_util
-
     acc = events(tb_run / "tensorboard")
     shots = acc.Images("validation/normal")
     assert [s.step for s in shots] == [1, 2]
@@ -89,7 +90,18 @@ def test_on_without_the_package_is_a_config_error(tmp_path: Path, monkeypatch: p
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: tensorboard=on needs the tensorboard package"), err
     assert not run_dir.exists()                                  # stopped before the run folder
+
+
+def test_unimportable_package_is_skipped_by_auto_and_an_error_for_on(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tb_log, "SummaryWriter", None)          # as when torch's import of it failed
+    monkeypatch.setattr(tb_log, "_import_error", ImportError("No module named 'tensorboard'"))
+    run_dir = tmp_path / "run"
     assert not tb_log.enabled("auto") and not tb_log.open_for_run("auto", run_dir).active
+    with pytest.raises(ConfigError, match=r"^tensorboard=on needs the tensorboard package.*No module named"):
+        tb_log.open_for_run("on", run_dir)
+    assert not tb_log.open_for_run("on", run_dir, is_main=False).active      # rank > 0 writes nothing anyway
+    assert not run_dir.exists()
 
 
 def test_auto_says_where_the_logs_go(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -101,9 +113,6 @@ def test_auto_says_where_the_logs_go(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_textured_mesh_shows_its_albedo(tmp_path: Path) -> None:
-    import trimesh
-    from PIL import Image
-
     quad = trimesh.Trimesh(vertices=[[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]], faces=[[0, 1, 2], [0, 2, 3]],
                            process=False)
     red = Image.new("RGB", (8, 8), (200, 10, 10))
@@ -112,7 +121,6 @@ def test_textured_mesh_shows_its_albedo(tmp_path: Path) -> None:
     log = tb_log.TensorBoardLog(tmp_path / "tb")
     log.log_mesh(1, [tmp_path / "mesh.glb"])
     log.close()
-    from tensorboard.util import tensor_util
     colors = tensor_util.make_ndarray(events(tmp_path / "tb").Tensors("mesh_COLOR")[0].tensor_proto)[0]
     assert np.abs(colors - [200, 10, 10]).max() <= 1
 

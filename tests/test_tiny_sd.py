@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from scripts.make_tiny_sd import build_tiny_sd
+from sd import GuidanceOptions, StableDiffusionGuidance, sds_weight
 
 REPO = Path(__file__).resolve().parents[1]
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -47,10 +52,6 @@ def test_cli_single_core_fast_and_deterministic(tiny_sd_path: Path, tmp_path: Pa
 
 
 def test_loads_as_stable_diffusion_pipeline(tiny_sd_path: Path) -> None:
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path))
     assert isinstance(pipe.vae, AutoencoderKL)
     assert isinstance(pipe.unet, UNet2DConditionModel)
@@ -63,8 +64,6 @@ def test_loads_as_stable_diffusion_pipeline(tiny_sd_path: Path) -> None:
 
 
 def test_vae_downsamples_x8_to_4_channels(tiny_sd_path: Path) -> None:
-    from diffusers import AutoencoderKL
-
     vae = AutoencoderKL.from_pretrained(str(tiny_sd_path), subfolder="vae")
     assert vae.config.scaling_factor == pytest.approx(0.18215)
     assert vae.config.latent_channels == 4
@@ -76,9 +75,6 @@ def test_vae_downsamples_x8_to_4_channels(tiny_sd_path: Path) -> None:
 
 
 def test_unet_and_text_encoder_forward(tiny_sd_path: Path) -> None:
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd_path), subfolder="tokenizer")
     encoder = CLIPTextModel.from_pretrained(str(tiny_sd_path), subfolder="text_encoder")
     unet = UNet2DConditionModel.from_pretrained(str(tiny_sd_path), subfolder="unet")
@@ -94,8 +90,6 @@ def test_unet_and_text_encoder_forward(tiny_sd_path: Path) -> None:
 
 
 def test_tokenizer_works_with_own_vocabulary(tiny_sd_path: Path) -> None:
-    from transformers import CLIPTokenizer
-
     tokenizer = CLIPTokenizer.from_pretrained(str(tiny_sd_path), subfolder="tokenizer")
     assert tokenizer.model_max_length == 77
     vocab = json.loads((tiny_sd_path / "tokenizer" / "vocab.json").read_text())
@@ -117,8 +111,6 @@ def test_tokenizer_works_with_own_vocabulary(tiny_sd_path: Path) -> None:
 
 
 def test_scheduler_matches_sd2_base(tiny_sd_path: Path) -> None:
-    from diffusers import DDPMScheduler
-
     scheduler = DDPMScheduler.from_pretrained(str(tiny_sd_path), subfolder="scheduler")
     cfg = scheduler.config
     assert cfg.num_train_timesteps == 1000
@@ -133,9 +125,6 @@ def test_scheduler_matches_sd2_base(tiny_sd_path: Path) -> None:
 def test_zero_output_model_gives_pure_noise_sds_gradient(tmp_path: Path) -> None:
     """--zero-output: eps_hat = 0 for every input, so the SDS gradient is exactly w(t) * (-noise)
     (zero mean); everything else about the model is the same build."""
-    from scripts.make_tiny_sd import build_tiny_sd
-    from sd import GuidanceOptions, StableDiffusionGuidance, sds_weight
-
     path = build_tiny_sd(tmp_path / "zero", zero_output=True)
     sd = StableDiffusionGuidance(GuidanceOptions(sd_model=str(path), text="a cup", guidance_weight=50.0,
                                                  image_resolution=64), "cpu")

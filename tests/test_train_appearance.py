@@ -11,11 +11,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import trimesh
 
+from config import build_config
+from dataset.cameras import validation_cameras
+from distributed import DistInfo
+from geometry.fixed_mesh import FixedMeshGeometry
+from phases.appearance import AppearancePhase
+from render.mesh import load_mesh
+from render.pbr_render import rasterize_gbuffer, render_textured
 from tests.run_helpers import check_resume_matches_straight_run, read_log, run_train, write_config
+from trainer import camera_options
 
 # One process, no emulate_gpus: the trainer's sector-coverage advice is expected here.
 pytestmark = pytest.mark.filterwarnings("ignore:each optimizer step draws cameras")
@@ -67,7 +77,6 @@ def egg_grid(n_lat: int, n_lon: int) -> tuple[np.ndarray, np.ndarray, list[tuple
 
 def write_textured_egg(folder: Path, n_lat: int = 16, n_lon: int = 32) -> Path:
     """OBJ + MTL (map_Kd) + albedo PNG; returns the OBJ path."""
-    import imageio.v3 as iio
 
     folder.mkdir(parents=True, exist_ok=True)
     pos, uv, faces = egg_grid(n_lat, n_lon)
@@ -88,7 +97,6 @@ def textured_egg(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_textured_egg_is_a_valid_target(textured_egg: Path) -> None:
     """Guards the fixture: outward faces, UVs on every vertex, the albedo image attached."""
-    import trimesh
 
     mesh = trimesh.load(textured_egg, process=False)
     assert mesh.visual.uv is not None and mesh.visual.uv.shape == (len(mesh.vertices), 2)
@@ -102,9 +110,6 @@ def test_textured_egg_is_a_valid_target(textured_egg: Path) -> None:
 # ------------------------------------------------------------------------------------------------
 def load_phase(run_dir: Path, trained: bool = True):
     """The run's AppearancePhase rebuilt from its resolved config (+ its checkpoint when trained)."""
-    from config import build_config
-    from distributed import DistInfo
-    from phases_appearance import AppearancePhase
 
     cfg = build_config(json.loads((run_dir / "config.json").read_text()))
     phase = AppearancePhase(cfg, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
@@ -118,8 +123,6 @@ def load_phase(run_dir: Path, trained: bool = True):
 def heldout_cameras(cfg, n: int = 8, elevation_deg: float = 20.0):
     """Fixed views (no jitter, mean fovy) that training never drew: its cameras are random and
     jittered, so no trained view coincides with these."""
-    from dataset.cameras import validation_cameras
-    from trainer import camera_options
 
     return validation_cameras(camera_options(cfg, [128, 128]), torch.device("cpu"), n=n,
                               elevation_deg=elevation_deg)
@@ -128,9 +131,6 @@ def heldout_cameras(cfg, n: int = 8, elevation_deg: float = 20.0):
 def albedo_psnr(phase, cams) -> float:
     """PSNR (dB) of the learned albedo vs the target's, both rendered in 'kd' mode (sRGB) from the
     same cameras, over the pixels the mesh covers."""
-    from geometry.fixed_mesh import FixedMeshGeometry
-    from render.mesh import load_mesh
-    from render.pbr_render import rasterize_gbuffer, render_textured
 
     target = FixedMeshGeometry(load_mesh(phase.cfg.target_mesh)).mesh()
     with torch.no_grad():

@@ -13,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from render.mesh import MeshError, load_mesh, validate_mesh
+
 ALLOWED_SUFFIXES = (".obj", ".ply", ".glb", ".stl", ".off")
 STORED_NAME = "input_mesh"           # the upload's name inside its job folder, plus its suffix
 _GLB_MAGIC, _GLB_JSON = b"glTF", 0x4E4F534A
@@ -93,7 +95,6 @@ def store_upload(src: Path, name: str, dest_dir: Path, suffix: str) -> Path:
 
 def check_mesh(path: Path, name: str) -> None:
     """The project's own checks (render.mesh.load_mesh + validate_mesh), in the upload's name."""
-    from render.mesh import MeshError, load_mesh, validate_mesh   # torch: only when a mesh comes in
     try:
         validate_mesh(load_mesh(path), name)
     except MeshError as e:

@@ -20,7 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from config import load_config  # noqa: E402
 from dataset.cameras import sample_train_cameras  # noqa: E402
-from phases import NormalStageRenderer, camera_chunks  # noqa: E402
+from guidance.base import input_for  # noqa: E402
+from phases.base import camera_chunks
+from phases.geometry import NormalStageRenderer  # noqa: E402
 from render import raster  # noqa: E402
 from scripts import evaluate as ev  # noqa: E402
 from scripts import make_reference_meshes as refs  # noqa: E402
@@ -62,7 +64,7 @@ def main() -> None:
         v = torch.tensor(np.asarray(mesh.vertices), dtype=torch.float32)
         f = torch.tensor(np.asarray(mesh.faces), dtype=torch.int64)
         with torch.no_grad():
-            return torch.cat([render(v, f, c, "geometry_coarse") for c in camera_chunks(cams, 8)])   # [N, 4, 64, 64]
+            return torch.cat([render(v, f, c, input_for("geometry_coarse", cfg)) for c in camera_chunks(cams, 8)])   # [N, 4, 64, 64]
 
     def surface(mesh, name: str) -> ev.Surface:
         return ev.Surface(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), name)

@@ -24,6 +24,28 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # run as `python scripts/dev/gpu_check_hashgrid.py` from anywhere
+    sys.path.insert(0, str(REPO))
+
+# --device cpu runs the kernels in Triton's interpreter. Triton picks interpreted or compiled mode
+# when a kernel is defined, so the choice is made here, before geometry.hashgrid imports them.
+if __name__ == "__main__":
+    _device = argparse.ArgumentParser(add_help=False)
+    _device.add_argument("--device", default="cuda")
+    if _device.parse_known_args()[0].device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from geometry.hashgrid import (HashGridOptions, make_encoder, triton_interpreter_active,  # noqa: E402
+                               triton_unavailable_reason)
+
+# Triton is GPU-only software, often missing on CPU machines: main() reports its absence.
+try:
+    import triton
+except ImportError:
+    triton = None
+
 TOLERANCES = {"forward": 1e-5, "grad_table": 1e-5, "grad_table_only": 1e-5, "grad_input": 1e-4}
 
 
@@ -51,10 +73,6 @@ def _rel(a, b) -> float:
 
 def parity(device, n_points: int, opts, seed: int) -> dict:
     """Forward and gradient errors of the Triton backend against the reference, shared weights."""
-    import torch
-
-    from geometry.hashgrid import make_encoder
-
     gen = torch.Generator(device="cpu").manual_seed(seed)
     aabb = torch.tensor([[-1.05, -1.05, -1.05], [1.05, 1.05, 1.05]], device=device)
     ref = make_encoder(aabb, opts, backend="torch")
@@ -95,10 +113,6 @@ def parity(device, n_points: int, opts, seed: int) -> dict:
 
 def bench(device, n_points: int, opts, iters: int, seed: int) -> dict:
     """Median ms of forward + backward (to the table; and to table + inputs) per backend."""
-    import torch
-
-    from geometry.hashgrid import make_encoder
-
     gen = torch.Generator(device="cpu").manual_seed(seed)
     aabb = torch.tensor([[-1.0] * 3, [1.0] * 3], device=device)
     x = (torch.rand(n_points, 3, generator=gen) * 2 - 1).to(device)
@@ -125,14 +139,14 @@ def bench(device, n_points: int, opts, iters: int, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton kernels are defined
-    sys.path.insert(0, str(REPO))
-    import torch
-    import triton
-
-    from geometry.hashgrid import HashGridOptions
-
+    reason = triton_unavailable_reason()
+    if reason is not None:
+        print(f"error: the check needs triton: {reason}", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and not triton_interpreter_active():
+        print("error: --device cpu needs TRITON_INTERPRET=1 before the kernels load: run this file as a "
+              "script, or set the variable", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run on a GPU machine, or pass --device cpu for the interpreter check",

@@ -48,6 +48,16 @@ from dataset.cameras import CameraOptions, sample_train_cameras  # noqa: E402
 from render import raster  # noqa: E402
 from render.mesh import Mesh, compute_vertex_normals, unit_size  # noqa: E402
 
+# nvdiffrast, the default reference, is GPU-only and optional: --reference nvdiffrast without it
+# stops with this error (--reference torch needs none).
+try:
+    import nvdiffrast
+except ImportError as _error:
+    nvdiffrast = None
+    _nvdiffrast_error: ImportError | None = _error
+else:
+    _nvdiffrast_error = None
+
 TOLERANCES = {
     "coverage_disagreement": 5e-3,
     "attr_max_abs_diff": 1e-4,
@@ -249,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     if torch.device(args.device).type == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     if args.reference == "nvdiffrast":
-        import nvdiffrast
-
+        if nvdiffrast is None:
+            print(f"error: --reference nvdiffrast needs nvdiffrast ({_nvdiffrast_error}); "
+                  "pip install diffrp-nvdiffrast, or pass --reference torch", file=sys.stderr)
+            return 2
         env["nvdiffrast"] = getattr(nvdiffrast, "__version__", "?")
     rows = run_parity(args.resolution, args.device, args.reference, args.seed)
     for r in rows:

@@ -26,6 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+
+from geometry.dmtet import sealed_air  # noqa: E402
+from geometry.tet_grid import tet_grid  # noqa: E402
+from geometry.hashgrid import make_encoder, triton_unavailable_reason  # noqa: E402
+from phases.geometry import SEALED_AIR_EVERY  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -40,8 +47,6 @@ def shell_with_void_sdf(verts_vx3):
     """[V] SDF (negative inside) of a shell 0.12 < r < 0.3 about (0.05, -0.03, 0.02) with a tunnel of
     radius 0.06 along +x from r = 0.2 outward, so the pocket 0.2 < r < 0.25 it crosses is open air;
     the void r < 0.12 is sealed."""
-    import torch
-
     c = torch.tensor([0.05, -0.03, 0.02], device=verts_vx3.device)
     p = verts_vx3 - c
     r = p.norm(dim=1)
@@ -52,10 +57,6 @@ def shell_with_void_sdf(verts_vx3):
 
 
 def check_grid(grid_res: int, device, iters: int) -> dict:
-    import torch
-
-    from geometry.dmtet import sealed_air, tet_grid
-
     verts_vx3 = torch.from_numpy(tet_grid(grid_res)[0]).to(device)
     sdf_v = shell_with_void_sdf(verts_vx3)
     expected = sealed_air(sdf_v.cpu(), grid_res)
@@ -78,10 +79,6 @@ def check_grid(grid_res: int, device, iters: int) -> dict:
 
 
 def triton_empty_batch(device) -> dict:
-    import torch
-
-    from geometry.hashgrid import make_encoder, triton_unavailable_reason
-
     reason = triton_unavailable_reason()
     if device.type != "cuda" or reason is not None:
         return {"ran": False, "why": reason or "not a CUDA device"}
@@ -96,10 +93,6 @@ def triton_empty_batch(device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
-
-    from phases import SEALED_AIR_EVERY
-
     args = parse_args(argv)
     device = torch.device(args.device)
     grids = [check_grid(g, device, args.iters) for g in args.grids]

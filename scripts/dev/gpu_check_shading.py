@@ -30,10 +30,21 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from geometry.hashgrid import make_encoder as make_hashgrid  # noqa: E402
 from render.light import default_environment  # noqa: E402
 from render.material import MaterialMLP  # noqa: E402
 from render.shading import shade_gbuffer  # noqa: E402
 from render.texture_torch import texture_torch  # noqa: E402
+
+# nvdiffrast is GPU-only and optional: without it the parity part is skipped, naming this error.
+try:
+    import nvdiffrast.torch as _nvdiffrast
+    from torch.utils import cpp_extension
+except ImportError as _error:
+    _nvdiffrast = cpp_extension = None
+    _nvdiffrast_missing: str | None = f"nvdiffrast not importable: {_error}"
+else:
+    _nvdiffrast_missing = None
 
 PUBLISHED_RANGES = dict(kd_min=[0.0, 0.0, 0.0, 0.0], kd_max=[1.0, 1.0, 1.0, 1.0], ks_min=[0.0, 0.08, 0.0],
                         ks_max=[1.0, 1.0, 1.0], nrm_min=[-1.0, -1.0, 0.0], nrm_max=[1.0, 1.0, 1.0])
@@ -55,7 +66,6 @@ class FourierEncoder(nn.Module):
 def make_encoder(kind: str, device: torch.device) -> tuple[nn.Module, str]:
     if kind == "fourier":
         return FourierEncoder().to(device), "fourier"
-    from geometry.hashgrid import make_encoder as make_hashgrid  # scripts may use geometry/
     aabb = torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]], device=device)
     enc = make_hashgrid(aabb, backend=kind)
     return enc, f"hashgrid/{getattr(enc, 'backend', kind)}"
@@ -139,11 +149,8 @@ def bench_shading(args: argparse.Namespace, device: torch.device) -> dict[str, A
 
 
 def import_nvdiffrast() -> tuple[Any, str | None]:
-    try:
-        import nvdiffrast.torch as dr
-    except ImportError as exc:
-        return None, f"nvdiffrast not importable: {exc}"
-    return dr, None
+    """(nvdiffrast.torch, None), or (None, why it is missing)."""
+    return _nvdiffrast, _nvdiffrast_missing
 
 
 def call_nvdiffrast(fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
@@ -153,7 +160,6 @@ def call_nvdiffrast(fn: Callable[..., Any], *a: Any, **kw: Any) -> Any:
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("nvdiffrast_plugin"):
             raise
-        from torch.utils import cpp_extension
         sys.path.insert(0, cpp_extension._get_build_directory(exc.name, False))
         return fn(*a, **kw)
 

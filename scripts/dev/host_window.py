@@ -25,12 +25,18 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+import distributed  # noqa: E402
+import sd  # noqa: E402
+from config import load_config  # noqa: E402
+from phases import build_phase  # noqa: E402
+# instrument() patches raster.rasterize: every caller looks it up on the module at call time.
+from render import raster  # noqa: E402
+from scripts.bench import run_steps  # noqa: E402
+from trainer import Trainer, make_generators  # noqa: E402
+
 
 def instrument(marks: list[tuple[str, float]]) -> None:
     """Record ("raster_in" / "raster_out" / "unet", host time) around the two calls."""
-    import sd
-    from render import raster          # callers look it up as raster.rasterize at call time
-
     rasterize = raster.rasterize
 
     def timed_rasterize(*args, **kwargs):
@@ -77,11 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     marks: list[tuple[str, float]] = []
     instrument(marks)
-    import distributed
-    from config import load_config
-    from phases import build_phase
-    from scripts.bench import run_steps
-    from trainer import Trainer, make_generators
 
     tmp = Path(tempfile.mkdtemp(prefix="host_window_"))
     cfg = load_config(args.config, [f"sd_model={args.sd_model}", "validate=false", "guidance=stable_diffusion",

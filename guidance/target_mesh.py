@@ -15,11 +15,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from config import Config
+from dataset.cameras import CameraBatch
+from guidance.base import IMAGE, GuidanceEnv, StageInput, TargetRenderer, input_for
+from guidance.registry import register
 from sd import SDSResult, SdsDraw, draw_sds, sds_from_eps
-
-# Renders the target for a camera batch and stage, in the same format as the model's input to
-# the guidance: [B, 4, h, w] coarse latents or [B, 3, H, W] images in [0, 1]; no gradient needed.
-TargetRenderer = Callable[[object, str], torch.Tensor]
 
 POOL = 8  # stands in for the VAE's x8 downsampling
 
@@ -38,6 +38,11 @@ class TargetGuidanceOptions:
     late_time_step_range: tuple[float, float]
     sds_weight_strategy: int = 0
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> "TargetGuidanceOptions":
+        return cls(cfg.coarse_iter, tuple(cfg.early_time_step_range), tuple(cfg.late_time_step_range),
+                   cfg.sds_weight_strategy)
+
 
 def pooled_latents(images_bx3xhxw: torch.Tensor) -> torch.Tensor:
     """Images in [0, 1] -> [-1, 1] -> 8x8 average pooled 'latents' [B, 3, H/8, W/8]."""
@@ -47,38 +52,52 @@ def pooled_latents(images_bx3xhxw: torch.Tensor) -> torch.Tensor:
 
 
 class TargetMeshGuidance:
-    def __init__(self, render_target: TargetRenderer, opts: TargetGuidanceOptions,
-                 device: torch.device) -> None:
+    """guidance=target_mesh: renders of cfg.target_mesh (by the phase's renderer) are the one
+    image a perfect denoiser knows."""
+
+    def __init__(self, render_target: TargetRenderer, opts: TargetGuidanceOptions, device: torch.device,
+                 inputs: Callable[[str], StageInput]) -> None:
         self.render_target = render_target
         self.opts = opts
+        self.inputs = inputs
         self.alphas_cumprod = scaled_linear_alphas_cumprod().to(device)
 
+    def stage_input(self, stage: str) -> StageInput:
+        return self.inputs(stage)
+
     def _latents(self, x: torch.Tensor, stage: str) -> torch.Tensor:
-        return x if stage == "geometry_coarse" else pooled_latents(x)
+        return pooled_latents(x) if self.stage_input(stage).kind == IMAGE else x
 
-    def latent_shape(self, batch: int, stage: str, resolution: tuple[int, int], latent_side: int
-                     ) -> tuple[int, int, int, int]:
-        """[B, 4, s, s] coarse normal + mask latents (s = latent_side), else [B, 3, H/8, W/8]."""
-        if stage == "geometry_coarse":
-            return (batch, 4, latent_side, latent_side)
-        return (batch, 3, resolution[0] // POOL, resolution[1] // POOL)
+    def latent_shape(self, batch: int, stage: str, resolution: tuple[int, int]) -> tuple[int, int, int, int]:
+        """[B, 4, s, s] normal + mask latents, or [B, 3, H/8, W/8] pooled images."""
+        spec = self.stage_input(stage)
+        if spec.kind == IMAGE:
+            return (batch, 3, resolution[0] // POOL, resolution[1] // POOL)
+        return (batch, 4, spec.size, spec.size)
 
-    def draw(self, latent_shape: tuple[int, ...], stage: str, it: int,
-             generator: torch.Generator | None = None) -> SdsDraw:
+    def draw(self, stage: str, it: int, cams: CameraBatch, generator: torch.Generator | None = None) -> SdsDraw:
         o = self.opts
-        return draw_sds(self.alphas_cumprod, latent_shape, stage, it, o.coarse_iter, o.early_time_step_range,
+        shape = self.latent_shape(len(cams), stage, cams.resolution)
+        return draw_sds(self.alphas_cumprod, shape, stage, it, o.coarse_iter, o.early_time_step_range,
                         o.late_time_step_range, o.sds_weight_strategy, generator, self.alphas_cumprod.device)
 
-    def sds(self, inputs: torch.Tensor, stage: str, it: int, cameras: object,
+    def sds(self, inputs: torch.Tensor, stage: str, it: int, cams: CameraBatch,
             generator: torch.Generator | None = None, draw: SdsDraw | None = None) -> SDSResult:
         """Random draws from ``generator``: t, then noise (or both from ``draw``)."""
         latents = self._latents(inputs, stage)                               # [B, C, h, w]
         with torch.no_grad():
-            target = self._latents(self.render_target(cameras, stage), stage)
+            target = self._latents(self.render_target(cams, stage), stage)
         if target.shape != latents.shape:
             raise ValueError(f"target render: expected shape {tuple(latents.shape)}, got {tuple(target.shape)}")
         if draw is None:
-            draw = self.draw(tuple(latents.shape), stage, it, generator)
+            draw = self.draw(stage, it, cams, generator)
         z_t = draw.add_noise(latents.detach())
         eps_hat = (z_t - draw.sqrt_a * target.float()) / draw.sqrt_1ma     # exact denoiser of z*
         return sds_from_eps(latents, draw.noise, draw.t, eps_hat, draw.w)
+
+
+@register("target_mesh")
+def build(env: GuidanceEnv) -> TargetMeshGuidance:
+    cfg = env.cfg
+    return TargetMeshGuidance(env.target_renderer(), TargetGuidanceOptions.from_config(cfg), env.device,
+                              lambda stage: input_for(stage, cfg))

@@ -11,11 +11,18 @@ import torch
 import distributed
 from config import Config, resolve_path
 from dataset.cameras import CameraBatch
-from phases import Guide, render_turntable
+from geometry.fixed_mesh import FixedMeshGeometry
+from geometry.hashgrid import HashGridOptions, make_encoder
+from guidance.base import IMAGE, GuidanceInputError
+from phases.base import StepResult, make_guidance, render_turntable, to_uint8
 from render import raster
+from render.bake import bake
+from render.export import export_mesh, write_probe
 from render.light import EnvironmentLight, default_environment
+from render.material import MaterialMLP
+from render.mesh import load_mesh
 from render.pbr_render import rasterize_gbuffer_on, render_pbr, render_textured
-from trainer import StepResult, TrainingError, to_uint8
+from run_status import TrainingError
 
 # Published display layer names -> our shading modes.
 DISPLAY_MODES = {"pbr": "pbr", "shaded": "pbr", "diffuse": "diffuse", "kd": "kd", "ks": "ks", "normal": "normal"}
@@ -42,9 +49,6 @@ class AppearancePhase:
     prepare_activity = "preparation"
 
     def __init__(self, cfg: Config, info: distributed.DistInfo, run_dir: Path) -> None:
-        from geometry.fixed_mesh import FixedMeshGeometry
-        from geometry.hashgrid import HashGridOptions, make_encoder
-        from render.material import MaterialMLP
         if cfg.train_background == "reference":
             raise TrainingError("train_background='reference' needs reference images, which text-to-3D does not "
                                 "have; use black, white or checker")
@@ -58,7 +62,10 @@ class AppearancePhase:
                                     cfg.nrm_min, cfg.nrm_max).to(device)
         self.light = load_light(cfg.envmap, cfg.env_scale, cfg.env_res, device)
         self._relights: dict[str, EnvironmentLight] = {}  # built once, reused at every validation
-        self.guide = Guide(cfg, device, self._target_renderer() if cfg.guidance == "target_mesh" else None)
+        self.guide = make_guidance(cfg, device, self._target_renderer)
+        if self.guide.stage_input("appearance").kind != IMAGE:
+            raise GuidanceInputError(f"guidance={cfg.guidance} asks for {self.guide.stage_input('appearance').kind} "
+                                     f"in the appearance stage, which renders images only ({IMAGE!r})")
 
     # ------------------------------------------------------------------------------------ rendering
     def _background(self, resolution: tuple[int, int], name: str | None = None):
@@ -78,10 +85,12 @@ class AppearancePhase:
     def _target_renderer(self):
         """The textured target shaded by the same light, with ks fixed at the middle of the configured
         range (the albedo is what an appearance target run recovers)."""
-        from render.mesh import load_mesh
-        target = load_mesh(resolve_path(self.cfg.target_mesh), device=self.info.device)
-        from geometry.fixed_mesh import FixedMeshGeometry
-        target = FixedMeshGeometry(target, device=self.info.device).mesh()
+        path = resolve_path(self.cfg.target_mesh)
+        target = FixedMeshGeometry(load_mesh(path, device=self.info.device), device=self.info.device).mesh()
+        if not target.material or "kd" not in target.material:
+            raise TrainingError(f"target_mesh {path} has no albedo texture: an appearance run under "
+                                "guidance=target_mesh recovers the target's texture; give a textured OBJ (with "
+                                "its .mtl and map_Kd image) or GLB")
         ks = tuple(0.5 * (lo + hi) for lo, hi in zip(self.cfg.ks_min, self.cfg.ks_max))
 
         def render(cams: CameraBatch, stage: str) -> torch.Tensor:
@@ -103,7 +112,7 @@ class AppearancePhase:
     def step(self, it: int, cams: CameraBatch, generator: torch.Generator) -> StepResult:
         draw = self.guide.draw("appearance", it, cams, generator)   # queued before the render's host waits
         x = self._render(cams).permute(0, 3, 1, 2).contiguous()                     # [B, 3, H, W] sRGB
-        sds = self.guide(x, "appearance", it, cams, generator, draw)
+        sds = self.guide.sds(x, "appearance", it, cams, generator, draw)
         return StepResult(loss=sds.loss, sds=sds)
 
     def read_step(self, it: int, values: dict[str, list[float]]) -> dict[str, float]:
@@ -136,14 +145,11 @@ class AppearancePhase:
         return render_turntable(cams, lambda part: to_uint8(self._render(part, background="white")))
 
     def export(self, out_dir: Path) -> list[Path]:
-        from render.bake import bake
-        from render.export import write_glb, write_obj, write_probe
         with torch.no_grad():
             maps = bake(self.mesh, self.material, tuple(self.cfg.texture_res), self.cfg.uv_padding_block, ctx=self.ctx)
         self._warn_if_constant(maps)
         mesh = self.mesh.to("cpu")
-        return [write_obj(out_dir, mesh, maps), write_glb(out_dir / "mesh.glb", mesh, maps),
-                write_probe(out_dir / "probe.hdr", self.light)]
+        return [*export_mesh(out_dir, mesh, maps), write_probe(out_dir / "probe.hdr", self.light)]
 
     @staticmethod
     def _warn_if_constant(maps: Any) -> None:
