@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -45,20 +45,23 @@ def assert_same_tensors(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
-def check_resume_matches_straight_run(folder: Path, config: dict[str, Any], stop_at: int
-                                      ) -> tuple[dict, dict, list[dict], list[dict]]:
+def check_resume_matches_straight_run(folder: Path, config: dict[str, Any], stops: Sequence[int]
+                                      ) -> tuple[dict[int, dict], dict, list[dict], list[dict]]:
     """The resume check of both phases: `config` run straight to its `iter` (folder/straight), and
-    run to `stop_at`, then continued with resume=auto (folder/split). Asserts both succeed, the split
-    run checkpointed at `stop_at`, and both end at `iter` with identical phase and optimizer state
-    and the split log numbered 1..iter. Returns (the split run's checkpoint at `stop_at`, its final
-    checkpoint, the straight log, the split log) for the phase-specific checks."""
+    run to each of `stops` in turn, each run after the first continuing with resume=auto, then on to
+    `iter` (folder/split). Asserts every run succeeds, the split run checkpointed at each stop, and
+    both end at `iter` with identical phase and optimizer state and the split log numbered
+    1..iter. Returns (the split run's checkpoint at each stop, its final checkpoint, the straight
+    log, the split log) for the phase-specific checks."""
     total = config["iter"]
     straight, split = folder / "straight", folder / "split"
     assert run_train(write_config(folder, {**config, "out_dir": str(straight)}, "a.json")) == 0
     cfg = write_config(folder, {**config, "out_dir": str(split)}, "b.json")
-    assert run_train(cfg, f"iter={stop_at}") == 0
-    first = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
-    assert first["it"] == stop_at
+    saved = {}
+    for i, stop in enumerate(stops):
+        assert run_train(cfg, f"iter={stop}", *(["resume=auto"] if i else [])) == 0
+        saved[stop] = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
+        assert saved[stop]["it"] == stop
     assert run_train(cfg, "resume=auto") == 0
 
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
@@ -68,4 +71,4 @@ def check_resume_matches_straight_run(folder: Path, config: dict[str, Any], stop
     assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
     log_straight, log_split = read_log(straight), read_log(split)
     assert [r["it"] for r in log_split] == list(range(1, total + 1))
-    return first, b, log_straight, log_split
+    return saved, b, log_straight, log_split

@@ -207,7 +207,8 @@ def test_appearance_resume_is_exact(tmp_path: Path, textured_egg: Path, tiny_sd_
             "sds_weight_strategy": 2, "early_time_step_range": [0.02, 0.98],
             "late_time_step_range": [0.02, 0.5], "texture_res": [32, 32], "validate": False,
             "video_frames": 0}
-    first, b, log_a, log_b = check_resume_matches_straight_run(tmp_path, base, stop_at=3)
+    saved, b, log_a, log_b = check_resume_matches_straight_run(tmp_path, base, stops=[3])
+    first = saved[3]
     assert first["optimizer"]["state"]
     # The material actually moved after the resume point (else equality would prove nothing).
     moved = [not torch.equal(x, y) for x, y in zip(first["phase"]["material"].values(),

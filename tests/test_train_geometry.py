@@ -28,7 +28,7 @@ from phases import build_phase
 from phases.geometry import coarse_levels_vanishing_hint, empty_start_hint, sdf_levels_at
 from scripts import evaluate as ev
 from scripts.make_reference_meshes import mug_mesh
-from tests.run_helpers import assert_same_tensors, read_log, run_train, write_config
+from tests.run_helpers import check_resume_matches_straight_run, read_log, run_train, write_config
 from trainer import Trainer, make_generators
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,23 +128,7 @@ def test_resume_at_each_kind_of_checkpoint_is_bit_for_bit(tmp_path: Path, tiny_s
               "validate": False, "video_frames": 0, "dmtet_grid": 24, "dmtet_grid_coarse": 16,
               "sdf_levels_coarse": 3, "sdf_levels_ramp": 4, "sdf_init_shape": "custom_mesh", "sdf_init_iter": 100,
               "base_mesh": str(write_hollow_ball(tmp_path / "hollow.obj"))}
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_train(write_config(tmp_path, {**config, "out_dir": str(straight)}, "a.json")) == 0
-    cfg = write_config(tmp_path, {**config, "out_dir": str(split)}, "b.json")
-    saved = {}
-    for i, stop in enumerate(stops):
-        assert run_train(cfg, f"iter={stop}", *(["resume=auto"] if i else [])) == 0
-        saved[stop] = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
-        assert saved[stop]["it"] == stop
-    assert run_train(cfg, "resume=auto") == 0
-
-    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=False)
-    b = torch.load(split / "checkpoints" / "last.pt", weights_only=False)
-    assert a["it"] == b["it"] == total
-    assert_same_tensors(a["phase"], b["phase"])
-    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
-    log_a, log_b = read_log(straight), read_log(split)
-    assert [r["it"] for r in log_b] == list(range(1, total + 1))
+    saved, b, log_a, log_b = check_resume_matches_straight_run(tmp_path, config, stops)
     for key in ("stage", "loss", "azimuth_deg", "nonfinite", "faces", "sdf_levels", "sealed_air",
                 "sealed_air_vertices"):
         assert [r[key] for r in log_a] == [r[key] for r in log_b], key
