@@ -11,6 +11,8 @@ import datetime
 import json
 import os
 import re
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -209,3 +211,18 @@ def broadcast_params(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     with _collective("sharing rank 0's parameters"):
         for p in params:
             dist.broadcast(p.data, src=0)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a local process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """`torchrun --nproc_per_node=nproc argv...` on this host (a free rendezvous port), run with this
+    Python: how tools and tests start several training processes on one machine."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", *argv]
+

@@ -34,7 +34,7 @@ from dataset.cameras import (CameraOptions, azimuth_sector, sample_train_cameras
 from geometry.hashgrid import published_adamw
 from phases import USER_ERRORS, build_phase
 from phases.base import Phase, StepResult
-from run_log import RunLog, param_checksum, rewrite_log  # noqa: F401  rewrite_log: also importable from here
+from run_log import RunLog
 from run_status import (EXIT_ERROR, EXIT_OUT_OF_MEMORY, RunContext, RunEnd, RunInterrupted, RunProgress, RunSignals,
                         RunStatus, TrainingError, failed, finished, stopped_at_once, stopped_between_steps)
 
@@ -150,7 +150,7 @@ class Trainer:
         rng = self.checkpoints.gather_rng()
         # The log first (CUDA holds the last record back): a run killed after this checkpoint still
         # has every iteration up to it in the log.
-        self.flush_log()
+        self.run_log.flush()
         self.checkpoints.write(it, self._state, rng)
 
     def _state(self) -> State:
@@ -262,18 +262,6 @@ class Trainer:
                 "device=cpu to rule out fp16 overflow, or resume from the last checkpoint.")
 
     # -------------------------------------------------------------------------------- the log
-    @property
-    def log_path(self) -> Path:
-        return self.run_log.path
-
-    def param_checksum(self) -> list[float]:
-        """(sum, sum of squares) of all parameters in float64: equal on every rank iff in sync."""
-        return param_checksum(self.params)
-
-    def flush_log(self, wait: bool = True) -> None:
-        """Write the log record held back for its step's CUDA time (waits for it when `wait`)."""
-        self.run_log.flush(wait)
-
     # -------------------------------------------------------------------------------- images (rank 0)
     def validate(self, it: int) -> None:
         if not (self.info.is_main and self.cfg.validate):

@@ -64,6 +64,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+import distributed  # noqa: E402
 import train  # noqa: E402
 from dataset.cameras import CameraBatch  # noqa: E402
 from guidance import registry  # noqa: E402
@@ -165,20 +166,11 @@ class PhaseTime:
     status: dict[str, Any]             # the run's final status.json
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def phase_command(config: str, overrides: list[str], nproc: int, keep_surface: bool) -> list[str]:
     """The command that trains `config`: python or torchrun, train.py or this script's training entry."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                     f"--master_port={free_port()}"]
     program = [str(SCRIPT), TRAIN_IN_PROCESS] if keep_surface else [str(REPO / "train.py")]
-    return [*launcher, *program, "--config", config, *overrides]
+    argv = [*program, "--config", config, *overrides]
+    return distributed.torchrun_command(nproc, argv) if nproc > 1 else [sys.executable, *argv]
 
 
 def phase_overrides(name: str, plan: Plan, run_dir: Path, base_mesh: Path | None) -> list[str]:

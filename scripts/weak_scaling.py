@@ -20,12 +20,14 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import distributed  # noqa: E402
 
 
-def run(config: str, nproc: int, overrides: list[str], run_dir: Path, port: int) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train.py"), "--config", config,
-           *overrides, f"out_dir={run_dir}"]
+def run(config: str, nproc: int, overrides: list[str], run_dir: Path) -> list[dict]:
+    cmd = distributed.torchrun_command(nproc, [str(REPO / "train.py"), "--config", config, *overrides,
+                                               f"out_dir={run_dir}"])
     subprocess.run(cmd, cwd=REPO, check=True)
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -66,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ["validate=false", "video_frames=0", *args.overrides]
     tmp = Path(tempfile.mkdtemp(prefix="scaling_"))
     results = {}
-    for i, n in enumerate(args.gpus):
-        results[n] = summarize(run(args.config, n, overrides, tmp / f"n{n}", 29400 + i), args.skip)
+    for n in args.gpus:
+        results[n] = summarize(run(args.config, n, overrides, tmp / f"n{n}"), args.skip)
         print(f"{n} process(es): {results[n]}", flush=True)
     base = results[args.gpus[0]]["median_ms"]
     for n, r in results.items():

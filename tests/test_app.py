@@ -5,7 +5,6 @@ Screenshots go to pytest's tmp folder."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
+import distributed  # noqa: E402
+
 pytestmark = pytest.mark.slow
 UPLOAD_LIMIT_MB = 1
 # The geometry test's run: shortest SDF pretraining that keeps a surface on the 32 grid (as in
@@ -35,10 +36,6 @@ UPLOAD_LIMIT_MB = 1
 TINY_KEYS = "sdf_init_iter=60\nmesh_scale=2.1\nsdf_init_shape_scale=[1,1,1]\nvideo_frames=0"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
@@ -56,7 +53,7 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> obje
 def app(tiny_sd_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(URL, runs folder) of an app started as a user would, on a free local port."""
     folder = tmp_path_factory.mktemp("app")
-    runs, port = folder / "runs", free_port()
+    runs, port = folder / "runs", distributed.free_port()
     log = (folder / "app.log").open("w")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--device", "cpu",
                              "--sd-model", str(tiny_sd_path), "--runs-dir", str(runs),

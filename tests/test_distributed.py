@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,10 +23,6 @@ from scripts.weak_scaling import azimuth_arc
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def in_sector(azimuth_deg: float, sector: tuple[float, float]) -> bool:
@@ -52,8 +46,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_sd_path: Path) -> None:
         "validate": False, "out_dir": str(run_dir)}))
     # One OpenMP thread per process: 2 processes share the 2 cores without oversubscription.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "train.py", "--config", str(cfg)]
+    cmd = distributed.torchrun_command(2, ["train.py", "--config", str(cfg)])
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -106,7 +99,7 @@ def _step_all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
                     reason="torch.distributed with gloo is not available")
 def test_step_all_reduce_averages_grads_ors_flags_and_gathers_values(tmp_path: Path) -> None:
 
-    mp.spawn(_step_all_reduce_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_step_all_reduce_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["flags"] == [True, False]                 # OR over ranks, the same on both

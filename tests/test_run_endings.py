@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,10 +28,11 @@ import distributed
 import faults
 from config import build_config
 from phases import GeometryPhase
+from run_log import rewrite_log
 from run_status import (RunInterrupted, RunProgress, RunSignals, RunStatus, failed, stopped_at_once,
                         stopped_between_steps)
 from tests.run_helpers import read_log, run_train
-from trainer import out_of_memory_message, rewrite_log
+from trainer import out_of_memory_message
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny_cpu_geometry.json"
@@ -285,10 +285,6 @@ def test_out_of_memory_keeps_the_checkpoint_and_says_what_to_lower(tmp_path: Pat
 # ------------------------------------------------------------------------------------------------
 # Slow: one process of a torchrun group fails
 # ------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_with(marker: str) -> list[int]:
@@ -306,9 +302,9 @@ def _torchrun(run_dir: Path, config: Path, tiny_sd: Path, fault: str) -> tuple[l
     """Two gloo processes continuing the straight run's checkpoint (written by one process: the
     ranks restart their random streams, a warning) from its iteration ITERATIONS."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", faults.ENV: fault}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "train.py", "--config", str(config), f"sd_model={tiny_sd}",
-           f"out_dir={run_dir}", *SHORT, "batch=1", f"iter={CONTINUED}", "resume=auto"]
+    cmd = distributed.torchrun_command(2, ["train.py", "--config", str(config), f"sd_model={tiny_sd}",
+                                           f"out_dir={run_dir}", *SHORT, "batch=1", f"iter={CONTINUED}",
+                                           "resume=auto"])
     return cmd, env
 
 

@@ -12,8 +12,10 @@ import torch
 
 import distributed
 from config import build_config
+from phases.base import StepResult
+from run_status import TrainingError
 from sd import sds_from_eps
-from trainer import HostCopy, StepResult, Trainer, TrainingError, make_generators
+from trainer import HostCopy, Trainer, make_generators
 
 
 class OneParameterPhase:
