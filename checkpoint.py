@@ -17,7 +17,7 @@ import torch
 
 import distributed
 import faults
-from config import resolve_path
+from config import Config, resolve_path, resume_conflicts
 from run_status import RunContext, TrainingError
 
 CHECKPOINT_NAME = "last.pt"
@@ -59,13 +59,13 @@ def restore_rng(state: State, streams: RngStreams, device: torch.device) -> None
 
 
 class Checkpoints:
-    """The run folder's last.pt for one rank of a run of `mode`: every rank takes part in a save
+    """The run folder's last.pt for one rank of the run `cfg`: every rank takes part in a save
     (its random streams) and a resume; rank 0 alone writes, keeps status.json and speaks."""
 
-    def __init__(self, run_dir: Path, info: distributed.DistInfo, mode: str, streams: RngStreams,
+    def __init__(self, run_dir: Path, info: distributed.DistInfo, cfg: Config, streams: RngStreams,
                  context: RunContext) -> None:
         self.path = run_dir / "checkpoints" / CHECKPOINT_NAME
-        self.info, self.mode, self.streams, self.context = info, mode, streams, context
+        self.info, self.cfg, self.streams, self.context = info, cfg, streams, context
 
     # -------------------------------------------------------------------------------- saving
     def gather_rng(self) -> list[State]:
@@ -109,8 +109,10 @@ class Checkpoints:
             raise TrainingError(f"resume: checkpoint not found: {path} "
                                 f"({'no checkpoint in this run folder yet' if spec == 'auto' else 'check the path'})")
         state = torch.load(path, map_location=self.info.device, weights_only=False)
-        if state["config"]["mode"] != self.mode:
-            raise TrainingError(f"resume: {path} is a {state['config']['mode']} checkpoint, this run is {self.mode}")
+        conflicts = resume_conflicts(state["config"], self.cfg)
+        if conflicts:
+            raise TrainingError(f"resume: {path} was written by a run with {', '.join(conflicts)}; a resume keeps "
+                                f"these keys: set them back, or start a new run (resume=null)")
         load(state)
         self._restore_streams(state["rng"])
         return int(state["it"])

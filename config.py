@@ -381,6 +381,12 @@ class Config:
     sdf_levels_ramp: int = _k(0, integer(0), "iterations after coarse_iter over which the remaining hash-grid levels "
                               "of sdf_levels_coarse are added one by one; 0: all at once when the fine stage "
                               "starts. Logged as sdf_levels", ours=True)
+    hash_table_log2: int = _k(19, integer(10, 24),
+                              "rows of each hashed level of the hash grids (the SDF network's and the material's) "
+                              "as a power of two: 19 as published (2^19 rows of 2 features). Smaller tables take "
+                              "less memory and per-step time (every step updates the whole table) and hold less "
+                              "fine detail: the CPU demo uses 16. Fixed for a run: a resume must use its value",
+                              ours=True)
     mesh_scale: float = _k(2.1, number(0.0, lo_open=True), "edge length of the tet grid's box, centred at the "
                            "origin: the object must fit in [-mesh_scale/2, mesh_scale/2]^3")
     sdf_init_shape: str = _k("ellipsoid", choice(*INIT_SHAPES),
@@ -488,6 +494,15 @@ class Config:
                              "rasterizer: auto (nvdiffrast on CUDA when it loads, else, with a warning saying why, "
                              "the PyTorch one), torch, or nvdiffrast (an error where it cannot load). The light's "
                              "texture lookups follow it", ours=True)
+    antialias: str = _k("pixel", choice("pixel", "walk"),
+                        "silhouette antialiasing, which gives the surface its silhouette gradient: pixel "
+                        "(nvdiffrast's own, and its PyTorch copy: only the triangle under the pixel is tested, so "
+                        "most of the gradient is lost where triangles are smaller than a pixel or two, as on "
+                        "DMTet surfaces at grid 128 and 256) or walk (each pixel pair's segment is followed over "
+                        "the mesh to the silhouette edge: the full gradient at every triangle size; a Triton "
+                        "kernel on CUDA, PyTorch elsewhere). walk is verified on the CPU; it becomes the default "
+                        "once its GPU kernel and its effect on recovery are measured. See docs/results/silhouette",
+                        ours=True)
     encoder_backend: str = _k("auto", choice(*ENCODER_BACKENDS),
                               "hash grid: auto (triton on CUDA when it imports, else torch), torch, triton, or tcnn "
                               "(tiny-cuda-nn, when installed); a backend named explicitly that cannot run is an "
@@ -496,6 +511,15 @@ class Config:
     unet_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
                               "replay the diffusion UNet from a CUDA graph: auto (on CUDA), on (an error on CPU) or "
                               "off (the eager diffusers call)", ours=True)
+    diffusion_compile: str = _k("off", choice("off", "auto", "on"),
+                                "torch.compile the diffusion calls for the fixed shapes of each stage: the VAE "
+                                "encoder's forward and backward, and the UNet's forward (inside its CUDA graph when "
+                                "unet_cuda_graph is on). The first step of a stage compiles (printed with its time; "
+                                "kernels are cached under ~/.cache/fantasia3d/inductor, or TORCHINDUCTOR_CACHE_DIR, "
+                                "so later runs start fast). auto: on CUDA with Triton, else eager with the reason "
+                                "printed, and eager with the reason printed when compiling fails; on: compile (also "
+                                "on CPU), a failure is an error; off: the eager diffusers calls. Off by default "
+                                "until its GPU speed and parity are measured (docs/results/speed)", ours=True)
     render_cuda_graph: str = _k("auto", choice(*CUDA_GRAPH_MODES),
                                 "geometry: replay the ops after the rasterizer (interpolation, normal shading, "
                                 "antialiasing, the coarse latent resize), forward and backward, from CUDA graphs: "
@@ -531,6 +555,21 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# What a checkpoint's networks are shaped by: a resume keeps these values (the rest may change).
+RESUME_FIXED_KEYS = ("mode", "geometry", "hash_table_log2")
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """'key=<checkpoint's value> (this config: <value>)' for every RESUME_FIXED_KEYS value that
+    differs; a key missing from `saved` (a checkpoint written before the key existed) counts as
+    its default."""
+    out = []
+    for key in RESUME_FIXED_KEYS:
+        before, now = saved.get(key, FIELDS[key].default), getattr(cfg, key)
+        if before != now:
+            out.append(f"{key}={before!r} (this config: {now!r})")
+    return out
 
 
 @dataclass(frozen=True)

@@ -51,3 +51,11 @@ def timed(what: str) -> Iterator[None]:
     yield
     if OPTIONS.enabled:
         print(f"{what}: {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def note(text: str, every_rank: bool = False) -> None:
+    """One line on stderr, drawn above a progress bar that is on screen (e.g. what the first
+    training step compiles). `every_rank`: also where progress is off, for what each process must
+    say itself (a fallback that may differ between processes)."""
+    if OPTIONS.enabled or every_rank:
+        tqdm.write(text, file=sys.stderr)

@@ -30,23 +30,32 @@ all ranks skip together. ``skipped`` (nonfinite > 0) and ``nonfinite`` are for t
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
+import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+from torch.utils._triton import has_triton
 from transformers import AutoModelForMaskedLM, AutoTokenizer, CLIPTextModel, CLIPTokenizer
 
 import progress
 from model_files import (DEFAULT_MASKED_LM, DEFAULT_SD_MODEL, InvalidModelFolderError, ModelNotFoundError,
                          hub_cache_dir, hub_offline, missing_model_message, resolve_masked_lm, resolve_sd_model)
+from run_status import RunInterrupted
 
 MODES = ("geometry_modeling", "appearance_modeling")
 STAGES = ("geometry_coarse", "geometry_fine", "appearance")
@@ -72,6 +81,18 @@ DEBIAS_VIEWS = ("front", "side", "back")
 DEBIAS_THRESHOLD = 0.95
 VIEW_TEXT_OF_INDEX = (0, 1, 2, 1)   # view index 0..3 -> its DEBIAS_VIEWS slot (both sides share one)
 
+# diffusion_compile (CompiledCall). Inductor's default mode: Triton kernels that fuse the memory-bound
+# chains (GroupNorm, SiLU, residual adds and their backward), cuDNN and cuBLAS for the convolutions and
+# matmuls. Its max-autotune modes also benchmark Triton convolution and matmul templates: minutes more
+# for the UNet, past what a stage's first step may spend, against kernels cuDNN already tunes.
+# COMPILE_OPTIONS: inductor settings by call ({} = the default mode), which
+# scripts/dev/compile_check.py --inductor[-vae|-unet] varies; COMPILE_BACKEND "aot_eager" (the same
+# graph capture and autograd, no code generation) lets the CPU tests check the plumbing in seconds.
+COMPILE_MODES = ("auto", "on", "off")
+COMPILE_BACKEND = "inductor"
+COMPILE_OPTIONS: dict[str, dict[str, Any]] = {"VAE encoder": {}, "UNet": {}}
+COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
 
 # --------------------------------------------------------------------------- errors
 
@@ -82,6 +103,10 @@ class GuidanceOptionsError(ValueError):
 
 class PromptDebiasError(GuidanceOptionsError):
     """The masked language model of prompt_debias_model cannot score the view words."""
+
+
+class DiffusionCompileError(RuntimeError):
+    """diffusion_compile=on and torch.compile could not compile a diffusion call."""
 
 
 # --------------------------------------------------------------------------- options
@@ -105,6 +130,9 @@ class GuidanceOptions:
     image_resolution: int = 512
     # "auto": replay the UNet from a CUDA graph on CUDA (CudaGraphUNet), eager on CPU.
     unet_cuda_graph: str = "auto"
+    # torch.compile the VAE encoder (forward and backward) and the UNet forward (CompiledCall);
+    # "auto": on CUDA with Triton, else eager with the reason printed.
+    diffusion_compile: str = "off"
     # Perp-Neg (module doc): the UNet runs on 4B rows; implies the view prompts.
     perp_neg: bool = False
     perp_neg_decay: tuple[tuple[float, float, float], ...] = PERP_NEG_DECAY
@@ -127,6 +155,9 @@ class GuidanceOptions:
         if self.unet_cuda_graph not in ("auto", "on", "off"):
             raise GuidanceOptionsError(
                 f"unet_cuda_graph: expected 'auto', 'on' or 'off', got {self.unet_cuda_graph!r}")
+        if self.diffusion_compile not in COMPILE_MODES:
+            raise GuidanceOptionsError(
+                f"diffusion_compile: expected 'auto', 'on' or 'off', got {self.diffusion_compile!r}")
         if self.image_resolution <= 0 or self.image_resolution % 8:
             raise GuidanceOptionsError(
                 "image_resolution: expected a positive multiple of 8 (the VAE downsamples x8), "
@@ -606,8 +637,12 @@ class StableDiffusionGuidance(nn.Module):
         self.unet.set_attn_processor(AttnProcessor2_0())
         self.vae.set_attn_processor(AttnProcessor2_0())
         # Memory format stays NCHW: channels_last measured slower here (H200, torch 2.11): the VAE
-        # encoder's forward+backward +29 ms at batch 4, the UNet no faster.
-        self.unet_runner = self._make_unet_runner(opts.unet_cuda_graph)
+        # encoder's forward+backward +29 ms at batch 4, the UNet no faster. Compiled, inductor picks
+        # the layout of each graph (layout_optimization): channels-last convolutions where its
+        # heuristic expects a gain; it keeps the VAE's training graph NCHW (the encoder's last
+        # convolution narrows 512 channels to 8), which compile_check.py --inductor-vae
+        # force_layout_optimization=1 compares.
+        self._make_runners()
 
         scheduler = _load_component(DDPMScheduler, source, is_local, "scheduler")
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
@@ -621,16 +656,68 @@ class StableDiffusionGuidance(nn.Module):
                              persistent=False)
         self.scaling_factor = float(self.vae.config.scaling_factor)
 
-    def _make_unet_runner(self, mode: str) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def _make_runners(self) -> None:
+        """``vae_runner`` and ``unet_runner``, the two diffusion calls, as diffusion_compile and
+        unet_cuda_graph ask.
+
+        A compiled UNet is captured in the UNet's CUDA graph like the eager one (CudaGraphUNet around
+        CompiledCall), instead of compile's own graphs (mode "reduce-overhead"): one graph mechanism and
+        one memory pool, the static buffers and Perp-Neg's second shape handled as before, and the
+        compiled kernels replay in one launch either way; cudagraph trees would add a second pool and
+        their own input copies."""
+        mode = self.opts.diffusion_compile
+        vae: Callable[[Tensor], Tensor] = self.eager_vae_moments
+        unet: Callable[[Tensor, Tensor, Tensor], Tensor] = self.eager_unet
+        skip = compile_skip_reason(self.device) if mode == "auto" else None
+        if skip is not None:
+            progress.note(f"diffusion_compile=auto: the diffusion model runs eagerly on {self.device}: {skip} "
+                          "(diffusion_compile=on compiles it anyway)")
+        elif mode != "off":
+            use_compile_cache()
+            vae = CompiledCall("VAE encoder", self.eager_vae_moments, strict=mode == "on")
+            unet = CompiledCall("UNet", self.eager_unet, strict=mode == "on")
+        self.vae_runner = vae
+        self.unet_runner = self._make_unet_runner(self.opts.unet_cuda_graph, unet)
+
+    def _make_unet_runner(self, mode: str, forward: Callable[[Tensor, Tensor, Tensor], Tensor]
+                          ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
         if mode == "on" and self.device.type != "cuda":
             raise GuidanceOptionsError(f"unet_cuda_graph: 'on' needs a CUDA device, got {self.device}; "
                                        "use 'auto' or 'off'")
         if mode == "off" or self.device.type != "cuda":
-            return self.eager_unet
-        return CudaGraphUNet(self.eager_unet)
+            return forward
+        return CudaGraphUNet(forward)
 
     def eager_unet(self, sample: Tensor, t: Tensor, text_emb: Tensor) -> Tensor:
+        """The plain diffusers UNet call: eps (or v) [N, 4, h, w] for sample [N, 4, h, w], t [N]."""
         return self.unet(sample, t, encoder_hidden_states=text_emb).sample
+
+    def eager_vae_moments(self, x: Tensor) -> Tensor:
+        """The plain diffusers VAE encoder call: the posterior's mean and log-variance [B, 8, h, w]
+        for images x [B, 3, R, R] in [-1, 1]."""
+        return self.vae.encode(x).latent_dist.parameters
+
+    @contextlib.contextmanager
+    def eager_calls(self) -> Iterator[None]:
+        """Inside: the plain diffusers calls, neither compiled nor graphed (the baseline speed and
+        the parity checks compare against)."""
+        saved = self.vae_runner, self.unet_runner
+        self.vae_runner, self.unet_runner = self.eager_vae_moments, self.eager_unet
+        try:
+            yield
+        finally:
+            self.vae_runner, self.unet_runner = saved
+
+    @property
+    def compiled_calls(self) -> list[CompiledCall]:
+        """The diffusion calls that diffusion_compile compiles (none when it is off or auto skips it)."""
+        unet = self.unet_runner.forward if isinstance(self.unet_runner, CudaGraphUNet) else self.unet_runner
+        return [c for c in (self.vae_runner, unet) if isinstance(c, CompiledCall)]
+
+    def compile_seconds(self) -> dict[str, float]:
+        """Seconds each compile took, by call and input, e.g. "VAE encoder [4, 3, 512, 512] float16
+        (grad) forward and backward" (the VAE encoder's first, then the UNet's)."""
+        return {f"{c.name} {what}": seconds for c in self.compiled_calls for what, seconds in c.seconds.items()}
 
     def _embed_prompts(self, source: str, is_local: bool) -> tuple[Tensor, Tensor]:
         tokenizer = _load_component(CLIPTokenizer, source, is_local, "tokenizer")
@@ -703,7 +790,8 @@ class StableDiffusionGuidance(nn.Module):
         if tuple(imgs.shape[-2:]) != (size, size):
             imgs = F.interpolate(imgs, (size, size), mode="bilinear", align_corners=False)
         x = (imgs * 2.0 - 1.0).to(self.dtype)                         # the VAE's dtype
-        posterior = self.vae.encode(x).latent_dist
+        # The posterior is sampled outside the compiled call: the same generator draw either way.
+        posterior = DiagonalGaussianDistribution(self.vae_runner(x))  # moments [B, 8, h, w]
         return posterior.sample(generator=generator) * self.scaling_factor
 
     @torch.no_grad()
@@ -834,9 +922,143 @@ class CudaGraphUNet:
             with torch.cuda.graph(graph):
                 static_out = self.forward(*static_in)
         except RuntimeError as e:   # e.g. a UNet version that reads a device value mid-forward
+            compiled = " (or diffusion_compile=off to capture the eager UNet)" if isinstance(
+                self.forward, CompiledCall) else ""
             raise RuntimeError(f"capturing the UNet in a CUDA graph failed ({e}); set unet_cuda_graph=off "
-                               "to run it eagerly") from e
+                               f"to run it without a graph{compiled}") from e
         return static_in, static_out, graph
+
+
+# --------------------------------------------------------------------------- compiled diffusion calls
+
+
+def compile_cache_dir() -> Path:
+    """Where inductor keeps compiled kernels between runs: $TORCHINDUCTOR_CACHE_DIR when set, else
+    $XDG_CACHE_HOME/fantasia3d/inductor (~/.cache/fantasia3d/inductor). Per user and stable: torch's
+    own default, a folder in /tmp, is gone after a reboot."""
+    chosen = os.environ.get(COMPILE_CACHE_ENV)
+    # Importing inductor's config (diffusers does) writes torch's default into the variable: any
+    # other value is the user's.
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fantasia3d" / "inductor"
+
+
+def use_compile_cache() -> Path:
+    """Point inductor at compile_cache_dir() with its FX graph and AOTAutograd caches on: a later
+    run of the same stage loads its kernels instead of generating them again. Returns the folder."""
+    path = compile_cache_dir()
+    os.environ[COMPILE_CACHE_ENV] = str(path)        # inductor reads it at every compile
+    # torch._inductor loads on first attribute access: runs that never compile skip its import.
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return path
+
+
+def compile_skip_reason(device: torch.device) -> str | None:
+    """Why diffusion_compile=auto leaves the diffusion calls eager on ``device``; None: compile them."""
+    if device.type != "cuda":
+        return ("compiling pays off on CUDA, where it fuses the memory-bound GroupNorm and SiLU chains; "
+                f"on {device.type} it takes minutes for little gain")
+    if not has_triton():
+        return "Triton, which inductor writes its GPU kernels in, is not installed or cannot run on this GPU"
+    return None
+
+
+def _stop_in(error: BaseException) -> BaseException | None:
+    """The stop request or out-of-memory error in ``error``'s chain, if any: dynamo wraps what its
+    tracing raises, but a second Ctrl-C or an exhausted GPU is no compile failure to fall back from."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (RunInterrupted, KeyboardInterrupt, SystemExit, torch.cuda.OutOfMemoryError)):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class CompiledCall:
+    """One diffusion call (``eager``, a function of tensors returning one tensor) compiled by
+    torch.compile for the fixed shapes of a stage (dynamic=False, one graph: fullgraph=True).
+
+    Inputs are made contiguous, then the first call of each signature (shapes, dtypes, which need
+    gradients, whether gradients are recorded) compiles, with a line before and the seconds after.
+    When an input needs a gradient it also runs a backward there, on a detached copy: AOTAutograd
+    compiles the backward graph lazily, inside the caller's backward otherwise, where its time would
+    go unreported and its failure could not fall back. ``strict`` (diffusion_compile=on): a failure
+    raises DiffusionCompileError naming the key; otherwise (auto) the reason is printed and
+    ``eager`` runs from then on. ``seconds``: compile time by signature.
+    """
+
+    def __init__(self, name: str, eager: Callable[..., Tensor], strict: bool) -> None:
+        self.name, self.eager, self.strict = name, eager, strict
+        self.seconds: dict[str, float] = {}  # "<signature> forward[ and backward]" -> compile seconds
+        self.failure: str | None = None       # why the call runs eagerly after all (auto only)
+        self._signatures: set[str] = set()
+        self.compiled: Callable[..., Tensor] = eager
+        # Only inductor takes options; none is its default mode.
+        options = (COMPILE_OPTIONS.get(name) or None) if COMPILE_BACKEND == "inductor" else None
+        try:
+            if torch._dynamo.config.disable:
+                raise RuntimeError("torch.compile is disabled in this process (TORCH_COMPILE_DISABLE=1 or "
+                                   "torch._dynamo.config.disable)")
+            self.compiled = torch.compile(eager, backend=COMPILE_BACKEND, fullgraph=True, dynamic=False,
+                                          options=options)
+        except Exception as e:   # e.g. a Python version torch.compile does not support yet
+            self._fail(e)
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        if self.failure is None:
+            # One memory layout for one graph: the UNet's latents come channels-last from the VAE on
+            # some devices and contiguous from the coarse render, which would compile the UNet twice.
+            dense = tuple(a.contiguous() for a in args)
+            key = _signature(dense)
+            if key not in self._signatures:
+                self._compile(key, dense)
+            if self.failure is None:
+                return self.compiled(*dense)
+        return self.eager(*args)
+
+    def _compile(self, key: str, args: tuple[Tensor, ...]) -> None:
+        warm = [a.detach().requires_grad_(a.requires_grad) for a in args]
+        wants_grad = [w for w in warm if w.requires_grad] if torch.is_grad_enabled() else []
+        what = f"{key} forward" + (" and backward" if wants_grad else "")
+        progress.note(f"compiling the {self.name} for {what} (first use; cached in {compile_cache_dir()})...")
+        start = time.perf_counter()
+        try:
+            out = self.compiled(*warm)
+            if wants_grad:
+                torch.autograd.grad(out, wants_grad, torch.ones_like(out))
+            if out.device.type == "cuda":
+                torch.cuda.synchronize(out.device)
+        except Exception as e:   # dynamo, AOTAutograd, inductor and the C++/Triton compilers raise their own
+            self._fail(e)
+            return
+        self._signatures.add(key)
+        self.seconds[what] = round(time.perf_counter() - start, 3)
+        progress.note(f"compiled the {self.name} for {what}: {self.seconds[what]:.1f} s")
+
+    def _fail(self, error: Exception) -> None:
+        stop = _stop_in(error)
+        if stop is not None:
+            raise stop
+        reason = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        if self.strict:
+            raise DiffusionCompileError(f"diffusion_compile: compiling the {self.name} failed ({reason}); set "
+                                        "diffusion_compile=off to run it eagerly, or auto to fall back by itself"
+                                        ) from error
+        self.failure = reason
+        progress.note(f"diffusion_compile=auto: compiling the {self.name} failed ({reason}); it runs eagerly",
+                      every_rank=True)
+
+
+def _signature(args: Sequence[Tensor]) -> str:
+    """What dynamo specializes a compiled call on, for contiguous inputs: their shapes, dtypes and
+    gradients, and whether gradients are recorded. Readable: it names the compile in the log."""
+    parts = [f"{list(a.shape)} {str(a.dtype).removeprefix('torch.')}" + (" (grad)" if a.requires_grad else "")
+             for a in args]
+    return ", ".join(parts) + ("" if torch.is_grad_enabled() else " (no grad)")
 
 
 def _randn(shape: torch.Size, generator: torch.Generator | None,

@@ -130,7 +130,7 @@ class Trainer:
         self.start_it = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
-        self.checkpoints = Checkpoints(run_dir, info, cfg.mode, generators, self.context)
+        self.checkpoints = Checkpoints(run_dir, info, cfg, generators, self.context)
         self.run_log = RunLog(cfg, info, run_dir, self.params)
         self.tb = self.run_log.tb   # validation images, the mesh and the video join the log's scalars
         if info.world_size * self.micro_steps < 4:

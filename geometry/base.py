@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from geometry import registry
+from geometry.hashgrid_layout import HashGridOptions
 from geometry.sdf_init import InitShape
 from render.mesh import Mesh, compute_vertex_normals
 
@@ -68,11 +69,12 @@ class SealedAirTerm(NamedTuple):
 class SurfaceGeometry(nn.Module, metaclass=ABCMeta):
     """A surface representation trained by the geometry phase (see the module docstring).
 
-    Built by ``cls(grid_res=..., mesh_scale=..., backend=..., device=...)`` (make_geometry):
-    `grid_res` the grid resolution of the first iteration (dmtet_grid), `mesh_scale` the side of
-    the cube the surface lives in (centred on the origin), `backend` the hash-grid encoder backend
-    ("auto", "torch", "triton", "tcnn"; representations without one accept and ignore it),
-    `device` where its tensors live.
+    Built by ``cls(grid_res=..., mesh_scale=..., backend=..., encoder_opts=..., device=...)``
+    (make_geometry): `grid_res` the grid resolution of the first iteration (dmtet_grid),
+    `mesh_scale` the side of the cube the surface lives in (centred on the origin), `backend` the
+    hash-grid encoder backend ("auto", "torch", "triton", "tcnn") and `encoder_opts` its options
+    (HashGridOptions; representations without a hash grid accept and ignore both), `device` where
+    its tensors live.
     """
 
     grid_res: int               # the resolution of the current grid (set_grid)
@@ -164,7 +166,7 @@ class SurfaceGeometry(nn.Module, metaclass=ABCMeta):
 
 
 def make_geometry(name: str, *, grid_res: int, mesh_scale: float, backend: str = "auto",
-                  device: torch.device | str = "cpu") -> SurfaceGeometry:
+                  encoder_opts: HashGridOptions | None = None, device: torch.device | str = "cpu") -> SurfaceGeometry:
     """The representation registered as `name` (geometry/registry.py), built with the arguments
     SurfaceGeometry documents. Raises UnknownGeometryError for an unknown name and TypeError for a
     registered class that is not a SurfaceGeometry."""
@@ -172,4 +174,5 @@ def make_geometry(name: str, *, grid_res: int, mesh_scale: float, backend: str =
     if not (isinstance(cls, type) and issubclass(cls, SurfaceGeometry)):
         raise TypeError(f"make_geometry: geometry {name!r} must be registered as a SurfaceGeometry subclass "
                         f"(geometry/base.py); got {cls!r}")
-    return cls(grid_res=grid_res, mesh_scale=mesh_scale, backend=backend, device=device)
+    return cls(grid_res=grid_res, mesh_scale=mesh_scale, backend=backend,
+               encoder_opts=encoder_opts or HashGridOptions(), device=device)

@@ -87,9 +87,12 @@ def grid_index(ijk_nx3: torch.Tensor, res: int, dense: bool, hash_size: int) -> 
     return h & (hash_size - 1)
 
 
-def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: GridLayout
-                      ) -> torch.Tensor:
+def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: GridLayout,
+                      levels: int | None = None) -> torch.Tensor:
     """Reference encoding of normalized points [N, 3] in [0, 1] -> [N, L*F]; differentiable in both.
+
+    `levels`: only the coarsest `levels` levels are looked up; the finer ones' features are 0 (and
+    their rows get no gradient), as masking them would give, without their gathers and scatters.
 
     All levels' corner rows are gathered with one index_select: its backward builds one
     table-sized gradient (one index_add) instead of one per (level, corner), which dominated the
@@ -99,7 +102,9 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
     """
     corners = _corner_offsets(x01_nx3.device)                                    # [8, 3]
     rows, weights = [], []
-    for lvl, res in enumerate(layout.resolutions):
+    n_levels = len(layout.resolutions)
+    used = n_levels if levels is None else levels
+    for lvl, res in enumerate(layout.resolutions[:used]):
         pos = x01_nx3 * float(res)  # [N, 3] lattice coordinates
         # Clamp the cell so x = 1 interpolates inside the last cell (weight 1 on its far corner).
         cell = torch.clamp(torch.floor(pos), max=float(res - 1)).detach()
@@ -114,8 +119,24 @@ def hash_encode_torch(x01_nx3: torch.Tensor, table_rxf: torch.Tensor, layout: Gr
     w = torch.stack(weights, dim=1)                                              # [N, L, 8]
     acc = w[:, :, 0, None] * feats[:, :, 0]
     for c in range(1, 8):
-        acc = acc + w[:, :, c, None] * feats[:, :, c]                            # [N, L, F]
+        acc = acc + w[:, :, c, None] * feats[:, :, c]                            # [N, used, F]
+    if used < n_levels:
+        acc = torch.cat([acc, acc.new_zeros(acc.shape[0], n_levels - used, acc.shape[2])], dim=1)
     return acc.reshape(acc.shape[0], acc.shape[1] * acc.shape[2])              # explicit: N may be 0
+
+
+def zero_finer_levels(feat_nxd: torch.Tensor, levels: int | None, n_levels: int) -> torch.Tensor:
+    """[N, L*F] features with the levels from `levels` on (finest) set to 0; None: unchanged."""
+    if levels is None or levels >= n_levels:
+        return feat_nxd
+    mask = torch.zeros(feat_nxd.shape[1], dtype=feat_nxd.dtype, device=feat_nxd.device)
+    mask[:levels * (feat_nxd.shape[1] // n_levels)] = 1.0   # level by level, coarsest first
+    return feat_nxd * mask
+
+
+def _check_levels(levels: int | None, n_levels: int) -> None:
+    if levels is not None and (isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= n_levels):
+        raise ValueError(f"hash grid: 'levels' must be None or an int in [1, {n_levels}]; got {levels!r}")
 
 
 class HashGridEncoder(nn.Module):
@@ -136,10 +157,12 @@ class HashGridEncoder(nn.Module):
     def output_dim(self) -> int:
         return self.opts.output_dim
 
-    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_nx3: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+        """[N, 3] world points -> [N, L*F]; `levels`: the coarsest levels used (the rest are 0)."""
         _check_points(x_nx3)
+        _check_levels(levels, self.opts.n_levels)
         x01 = normalize_to_aabb(x_nx3, self.aabb.to(x_nx3.dtype))
-        return hash_encode_torch(x01, self.table.to(x_nx3.dtype), self.layout)
+        return hash_encode_torch(x01, self.table.to(x_nx3.dtype), self.layout, levels)
 
 
 class TritonHashGridEncoder(HashGridEncoder):
@@ -152,10 +175,13 @@ class TritonHashGridEncoder(HashGridEncoder):
             raise HashGridBackendError(f"TritonHashGridEncoder: {_TRITON_MISSING}")
         super().__init__(aabb_2x3, opts)
 
-    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_nx3: torch.Tensor, levels: int | None = None) -> torch.Tensor:
         _check_points(x_nx3)
+        _check_levels(levels, self.opts.n_levels)
         _check_triton_device(x_nx3.device)
-        return hash_encode_triton(x_nx3, self.table, self.aabb, self.layout)
+        # The kernel visits every level; on the GPU that costs little next to the masked result.
+        return zero_finer_levels(hash_encode_triton(x_nx3, self.table, self.aabb, self.layout), levels,
+                                 self.opts.n_levels)
 
 
 class TcnnHashGridEncoder(nn.Module):
@@ -182,9 +208,11 @@ class TcnnHashGridEncoder(nn.Module):
     def output_dim(self) -> int:
         return self.opts.output_dim
 
-    def forward(self, x_nx3: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_nx3: torch.Tensor, levels: int | None = None) -> torch.Tensor:
         _check_points(x_nx3)
-        return self.encoding(normalize_to_aabb(x_nx3, self.aabb)).float()  # tcnn returns fp16
+        _check_levels(levels, self.opts.n_levels)
+        feat = self.encoding(normalize_to_aabb(x_nx3, self.aabb)).float()  # tcnn returns fp16
+        return zero_finer_levels(feat, levels, self.opts.n_levels)
 
 
 def make_encoder(aabb_2x3: torch.Tensor, opts: HashGridOptions | None = None,

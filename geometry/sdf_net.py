@@ -16,7 +16,8 @@ class SDFNetwork(nn.Module):
 
     `set_active_levels(k)` zeroes the features of the hash grid's levels k and finer (coarse to
     fine, as threestudio's progressive hash grid): the SDF can then vary only at the scale of the
-    coarse levels, and the masked levels' table rows get no gradient until they are opened.
+    coarse levels, and the masked levels' table rows get no gradient until they are opened. The
+    PyTorch encoder then skips those levels' lookups altogether.
     """
 
     def __init__(self, aabb_2x3: torch.Tensor, encoder_opts: HashGridOptions | None = None,
@@ -31,7 +32,6 @@ class SDFNetwork(nn.Module):
         self.mlp = nn.Sequential(*layers).to(aabb_2x3.device)
         self.n_levels = self.encoder.opts.n_levels
         self.active_levels = self.n_levels
-        self._feature_mask: torch.Tensor | None = None     # [L * F] 1 / 0 per feature; None: all on
 
     def set_active_levels(self, k: int) -> None:
         """Use only the `k` coarsest hash-grid levels (1 <= k <= n_levels; n_levels: all)."""
@@ -40,10 +40,6 @@ class SDFNetwork(nn.Module):
         if k == self.active_levels:
             return
         self.active_levels = k
-        per_level = self.encoder.output_dim // self.n_levels
-        mask = torch.zeros(self.encoder.output_dim, device=self.encoder.aabb.device)
-        mask[:k * per_level] = 1.0     # features are concatenated level by level, coarsest first
-        self._feature_mask = None if k == self.n_levels else mask
 
     @property
     def backend(self) -> str:
@@ -51,8 +47,7 @@ class SDFNetwork(nn.Module):
 
     def forward(self, x_nx3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=x_nx3.device.type, enabled=False):
-            feat = self.encoder(x_nx3.float()).float()                        # [N, L * F]
-            if self._feature_mask is not None:
-                feat = feat * self._feature_mask
+            levels = None if self.active_levels == self.n_levels else self.active_levels
+            feat = self.encoder(x_nx3.float(), levels=levels).float()         # [N, L * F]
             out_nx4 = self.mlp(feat)
         return out_nx4[:, 0], out_nx4[:, 1:]

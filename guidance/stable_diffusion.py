@@ -19,6 +19,7 @@ def guidance_options(cfg: Config) -> GuidanceOptions:
                            early_time_step_range=tuple(cfg.early_time_step_range),
                            late_time_step_range=tuple(cfg.late_time_step_range), coarse_iter=cfg.coarse_iter,
                            image_resolution=image_resolution(cfg), unet_cuda_graph=cfg.unet_cuda_graph,
+                           diffusion_compile=cfg.diffusion_compile,
                            perp_neg=cfg.perp_neg, perp_neg_decay=tuple(map(tuple, cfg.perp_neg_decay)),
                            prompt_debias=cfg.prompt_debias, prompt_debias_model=cfg.prompt_debias_model)
 

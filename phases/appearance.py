@@ -12,9 +12,9 @@ import distributed
 from config import Config, resolve_path
 from dataset.cameras import CameraBatch
 from geometry.fixed_mesh import FixedMeshGeometry
-from geometry.hashgrid import HashGridOptions, make_encoder
+from geometry.hashgrid import make_encoder
 from guidance.base import IMAGE, GuidanceInputError
-from phases.base import StepResult, make_guidance, render_turntable, to_uint8
+from phases.base import StepResult, encoder_options, make_guidance, render_turntable, to_uint8
 from render import raster
 from render.bake import bake
 from render.export import export_mesh, write_probe
@@ -57,7 +57,7 @@ class AppearancePhase:
         self.ctx = raster.make_context(device, cfg.raster_backend)
         self.geometry = FixedMeshGeometry(resolve_path(cfg.base_mesh), device=device)
         self.mesh = self.geometry.mesh()
-        encoder = make_encoder(self.geometry.aabb, HashGridOptions(), backend=cfg.encoder_backend)
+        encoder = make_encoder(self.geometry.aabb, encoder_options(cfg), backend=cfg.encoder_backend)
         self.material = MaterialMLP(encoder, cfg.kd_min[:3], cfg.kd_max[:3], cfg.ks_min, cfg.ks_max,
                                     cfg.nrm_min, cfg.nrm_max).to(device)
         self.light = load_light(cfg.envmap, cfg.env_scale, cfg.env_res, device)
@@ -79,7 +79,8 @@ class AppearancePhase:
         gb = rasterize_gbuffer_on(cams.stream, self.ctx, self.mesh, cams.mvp, cams.resolution)
         image, _ = render_pbr(self.ctx, self.mesh, cams.mvp, cams.campos, cams.resolution, self.material,
                               light or self.light, mode=mode, use_bump=self.cfg.if_use_bump,
-                              background=self._background(cams.resolution, background), gbuffer=gb)
+                              background=self._background(cams.resolution, background), gbuffer=gb,
+                              antialias=self.cfg.antialias)
         return image                                                                 # [B, H, W, 3]
 
     def _target_renderer(self):
@@ -95,7 +96,7 @@ class AppearancePhase:
 
         def render(cams: CameraBatch, stage: str) -> torch.Tensor:
             img = render_textured(self.ctx, target, cams.mvp, cams.campos, cams.resolution, self.light, ks,
-                                  background=self._background(cams.resolution))
+                                  background=self._background(cams.resolution), antialias=self.cfg.antialias)
             return img.permute(0, 3, 1, 2)
         return render
 

@@ -19,6 +19,7 @@ import guidance.target_mesh  # noqa: F401  registers guidance=target_mesh
 import progress
 from config import Config
 from dataset.cameras import CameraBatch
+from geometry.hashgrid_layout import HashGridOptions
 from guidance import registry
 from guidance.base import Guidance, GuidanceEnv, TargetRenderer
 
@@ -49,6 +50,12 @@ class Phase(Protocol):
     def export(self, out_dir: Path) -> list[Path]: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def encoder_options(cfg: Config) -> HashGridOptions:
+    """The hash grid of both phases' networks: the published architecture, with the table size of
+    hash_table_log2."""
+    return HashGridOptions(log2_hashmap_size=cfg.hash_table_log2)
 
 
 def make_guidance(cfg: Config, device: torch.device, target_renderer: Callable[[], TargetRenderer]) -> Guidance:

@@ -26,7 +26,7 @@ from geometry import smoothness
 from geometry.base import EmptyMeshError, SurfaceGeometry, make_geometry
 from geometry.sdf_init import LOOSE_FIT_MSE, InitShape, InitShapeOptions, check_pretraining_fit
 from guidance.base import NORMAL_MASK, StageInput
-from phases.base import StepResult, make_guidance, render_turntable, to_uint8
+from phases.base import StepResult, encoder_options, make_guidance, render_turntable, to_uint8
 from render import raster
 from render.cuda_graph import GraphedFunction
 from render.export import export_mesh
@@ -67,7 +67,8 @@ class NormalStageRenderer:
         flip = latent and self.cfg.if_flip_the_normal
         size = spec.size if latent else None
         if self.graph is None or not (torch.is_grad_enabled() and verts.requires_grad):
-            img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution, rotate, flip)
+            img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution, rotate, flip,
+                                     self.cfg.antialias)
             return self._stage_input(img, size)
         inputs = normal_render_inputs(verts, faces, cams.mvp, cams.campos, rotate)
         rast, _ = raster.rasterize(self.ctx, inputs.pos_clip, inputs.tri, cams.resolution, grad_db=False)
@@ -76,7 +77,8 @@ class NormalStageRenderer:
     def _after_raster(self, attr: torch.Tensor, rast: torch.Tensor, pos_clip: torch.Tensor, tri: torch.Tensor,
                       sign_table: torch.Tensor, static: tuple[int | None, bool]) -> torch.Tensor:
         size, flip = static
-        img = shade_normal_mask(self.ctx, attr, rast, pos_clip, tri, sign_table, flip)   # [B, H, W, 4]
+        img = shade_normal_mask(self.ctx, attr, rast, pos_clip, tri, sign_table, flip,
+                                antialias=self.cfg.antialias)                          # [B, H, W, 4]
         return self._stage_input(img, size)
 
     @staticmethod
@@ -152,7 +154,8 @@ class GeometryPhase:
         self.ctx = raster.make_context(info.device, cfg.raster_backend)
         # The config's `geometry`: a registered surface representation (geometry/registry.py).
         self.geo: SurfaceGeometry = make_geometry(cfg.geometry, grid_res=self.grid_at(1), mesh_scale=cfg.mesh_scale,
-                                                  backend=cfg.encoder_backend, device=info.device)
+                                                  backend=cfg.encoder_backend, encoder_opts=encoder_options(cfg),
+                                                  device=info.device)
         self.render = NormalStageRenderer(cfg, self.ctx)
         self.guide = make_guidance(cfg, info.device, self._target_renderer)
         self.pretrain_mse: float | None = None     # the SDF pretraining's final mse, once it ran
@@ -261,7 +264,8 @@ class GeometryPhase:
 
     def _normals(self, cams: CameraBatch) -> np.ndarray:
         verts, faces = self.geo.extract()
-        img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution)
+        img = render_normal_mask(self.ctx, verts, faces, cams.mvp, cams.campos, cams.resolution,
+                                 antialias=self.cfg.antialias)
         return to_uint8(normal_to_display(img))  # the projection flips y, so rows are already top-down
 
     def validation_images(self, cams: CameraBatch) -> dict[str, np.ndarray]:

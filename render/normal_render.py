@@ -36,24 +36,25 @@ def _check_inputs(verts: Tensor, faces: Tensor, mvp: Tensor, campos: Tensor,
 
 def render_normal_mask(ctx: raster.RasterContext, verts_vx3: Tensor, faces_fx3: Tensor, mvp_bx4x4: Tensor,
                        campos_bx3: Tensor, resolution: Sequence[int], normal_rotate_bx3x3: Tensor | None = None,
-                       flip_normal: bool = False) -> Tensor:
+                       flip_normal: bool = False, antialias: str = "pixel") -> Tensor:
     """Render [B, H, W, 4]: world-space shading normal xyz in [-1, 1] and the mask, black background.
 
     - Normals: area-weighted vertex normals of `verts_vx3`, interpolated and normalized, made
       two-sided (negated where the geometric face normal points away from the camera).
     - `normal_rotate_bx3x3`: per-sample rotation applied as n @ R (row vectors, as the reference code).
     - `flip_normal`: the `if_flip_the_normal` trick, negating positive x components.
-    - Composited over black and antialiased, so silhouettes carry gradients to `verts_vx3`.
+    - Composited over black and antialiased, so silhouettes carry gradients to `verts_vx3`;
+      `antialias`: the method of raster.antialias ("walk" or "pixel", the config key antialias).
 
     The same as normal_render_inputs, rasterize, shade_normal_mask (the split a caller uses to
     replay the part after the rasterizer from a CUDA graph).
     """
     inputs = normal_render_inputs(verts_vx3, faces_fx3, mvp_bx4x4, campos_bx3, normal_rotate_bx3x3)
     # Built before the rasterizer too: its kernels queue while the device is busy.
-    topology = raster.antialias_topology(inputs.tri, verts_vx3.shape[0], backend=ctx)
+    topology = raster.antialias_topology(inputs.tri, verts_vx3.shape[0], backend=ctx, method=antialias)
     rast, _ = raster.rasterize(ctx, inputs.pos_clip, inputs.tri, resolution, grad_db=False)
     return shade_normal_mask(ctx, inputs.attr, rast, inputs.pos_clip, inputs.tri, inputs.sign_table,
-                             flip_normal, topology)
+                             flip_normal, topology, antialias)
 
 
 class NormalRenderInputs(NamedTuple):
@@ -92,16 +93,18 @@ def normal_render_inputs(verts_vx3: Tensor, faces_fx3: Tensor, mvp_bx4x4: Tensor
 
 
 def shade_normal_mask(ctx: raster.RasterContext | str, attr: Tensor, rast: Tensor, pos_clip: Tensor, tri: Tensor,
-                      sign_table: Tensor, flip_normal: bool = False, topology: Any = None) -> Tensor:
+                      sign_table: Tensor, flip_normal: bool = False, topology: Any = None,
+                      antialias: str = "pixel") -> Tensor:
     """The part of render_normal_mask after the rasterizer: [B, H, W, 4] from `rast` [B, H, W, 4]
-    and NormalRenderInputs. `topology`: raster.antialias_topology(tri, V), built here when None."""
+    and NormalRenderInputs. `topology`: raster.antialias_topology(tri, V, method=antialias), built
+    here when None (the walk's in fixed-size ops, so also inside a CUDA graph capture)."""
     if topology is None:
-        topology = raster.antialias_topology(tri, pos_clip.shape[-2], backend=ctx)
+        topology = raster.antialias_topology(tri, pos_clip.shape[-2], backend=ctx, method=antialias)
     gb_nrm, _ = raster.interpolate(attr, rast, tri, backend=ctx)                    # [B, H, W, 3]
     # One autograd node with fewer kernels (9 instead of 11, 10 instead of 14 flipped): without a
     # CUDA graph the host launches them while the device idles after the rasterizer's synchronization.
     image = _ShadeNormals.apply(gb_nrm, rast, sign_table, flip_normal)              # [B, H, W, 4]
-    return raster.antialias(image, rast, pos_clip, tri, backend=ctx, topology=topology)
+    return raster.antialias(image, rast, pos_clip, tri, backend=ctx, topology=topology, method=antialias)
 
 
 _MIN_SQ_LEN = 1e-20   # clamp of the squared normal length before the square root

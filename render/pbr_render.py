@@ -93,12 +93,13 @@ def rasterize_gbuffer_on(stream: torch.cuda.Stream | None, ctx: raster.RasterCon
 def render_pbr(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor, campos_bx3: Tensor,
                resolution: tuple[int, int], material: MaterialFn, light: EnvironmentLight,
                mode: str = "pbr", use_bump: bool = False, background: str | Tensor = "black",
-               gbuffer: GBuffer | None = None) -> tuple[Tensor, ShadeOutput]:
-    """-> (antialiased image [B, H, W, 3] in [0, 1], the raw ShadeOutput)."""
+               gbuffer: GBuffer | None = None, antialias: str = "pixel") -> tuple[Tensor, ShadeOutput]:
+    """-> (antialiased image [B, H, W, 3] in [0, 1], the raw ShadeOutput). `antialias`: the method
+    of raster.antialias ("walk" or "pixel", the config key antialias)."""
     gb = gbuffer or rasterize_gbuffer(ctx, mesh, mvp_bx4x4, resolution)
     out = shade_gbuffer(gb.pos, gb.normal, gb.mask, campos_bx3, material, light, gb_tangent=gb.tangent,
                         use_bump=use_bump, mode=mode, background=background, backend=ctx, covered=gb.covered)
-    image = raster.antialias(out.rgb.contiguous(), gb.rast, gb.pos_clip, gb.tri, backend=ctx)
+    image = raster.antialias(out.rgb.contiguous(), gb.rast, gb.pos_clip, gb.tri, backend=ctx, method=antialias)
     return image, out
 
 
@@ -124,7 +125,7 @@ class PerPixelMaterial:
 
 def render_textured(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor, campos_bx3: Tensor,
                     resolution: tuple[int, int], light: EnvironmentLight, ks: tuple[float, float, float],
-                    mode: str = "pbr", background: str | Tensor = "black") -> Tensor:
+                    mode: str = "pbr", background: str | Tensor = "black", antialias: str = "pixel") -> Tensor:
     """Render a mesh with its own albedo texture (mesh.material['kd'], [H, W, 3] sRGB as stored in the
     image file, rows top-down), shaded like the material MLP with constant `ks` and no bump."""
     if not mesh.material or "kd" not in mesh.material:
@@ -137,5 +138,5 @@ def render_textured(ctx: raster.RasterContext, mesh: Mesh, mvp_bx4x4: Tensor, ca
     kd = raster.texture(tex, uv, filter_mode="linear", boundary_mode="wrap", backend=ctx)
     material = PerPixelMaterial(kd, ks, gb.mask)
     image, _ = render_pbr(ctx, mesh, mvp_bx4x4, campos_bx3, resolution, material, light, mode=mode,
-                          background=background, gbuffer=gb)
+                          background=background, gbuffer=gb, antialias=antialias)
     return image

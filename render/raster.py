@@ -8,6 +8,11 @@ Both backends follow nvdiffrast's signatures and semantics:
   is NDC y = -1.
 - `rast_db [B, H, W, 4]` = (du/dX, du/dY, dv/dX, dv/dY) per pixel.
 
+Antialiasing has two methods on either backend: "walk" (render/silhouette.py: each pixel pair's
+segment is followed over the mesh to the silhouette edge, which keeps the silhouette gradient
+where triangles are smaller than a pixel or two) and "pixel" (nvdiffrast's own antialias, or its
+PyTorch copy: only the triangle under the nearer pixel is tested).
+
 nvdiffrast is optional: CPU-only installs work without it. Its import error is kept, and a CUDA
 context is only created when one is requested.
 """
@@ -23,7 +28,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from render import raster_torch
+from render import raster_torch, silhouette
+from render.silhouette import SilhouetteTopology
 from render.texture_torch import texture_torch
 
 # nvdiffrast, the CUDA rasterizer, is optional (CPU-only installs use the torch backend): its import
@@ -41,6 +47,7 @@ else:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nvdiffrast", "torch")
+ANTIALIAS_METHODS = ("walk", "pixel")
 
 
 class RasterBackendError(RuntimeError):
@@ -292,31 +299,55 @@ def interpolate(attr: Tensor, rast: Tensor, tri: Tensor, rast_db: Tensor | None 
     return raster_torch.interpolate(attr, rast, tri, rast_db, diff_list or None)
 
 
-def antialias_topology(tri: Tensor, num_vertices: int, *, backend: str | RasterContext = "auto") -> Any:
-    """The mesh topology antialias() needs (edge -> neighbouring triangles), built once per mesh:
-    nvdiffrast's topology hash, or the torch backend's opposite-vertex table. Depends only on `tri`,
-    so it can be built before rasterizing."""
+def _check_method(method: Any) -> None:
+    if method not in ANTIALIAS_METHODS:
+        raise RasterInputError(f"method: expected one of {ANTIALIAS_METHODS}, got {method!r}")
+
+
+def antialias_topology(tri: Tensor, num_vertices: int, *, backend: str | RasterContext = "auto",
+                       method: str = "pixel") -> Any:
+    """The mesh topology antialias() needs, built once per mesh: for method "walk" the edge
+    neighbours (silhouette.silhouette_topology, on any backend; fixed-size ops, so it may be built
+    inside a CUDA graph capture), for "pixel" nvdiffrast's topology hash or the torch backend's
+    opposite-vertex table. Depends only on `tri`, so it can be built before rasterizing."""
     _check_tri(tri, tri.device)
-    if _op_backend(backend, tri.device) == "nvdiffrast":
+    _check_method(method)
+    op_backend = _op_backend(backend, tri.device)
+    if method == "walk":
+        return silhouette.silhouette_topology(tri, num_vertices)
+    if op_backend == "nvdiffrast":
         return _call_nvdiffrast(_nv_module.antialias_construct_topology_hash, tri.contiguous())
     return raster_torch.opposite_vertices(tri, num_vertices)
 
 
 def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor, *,
-              backend: str | RasterContext = "auto", topology: Any = None) -> Tensor:
+              backend: str | RasterContext = "auto", topology: Any = None, method: str = "pixel",
+              walk_kernel: str = "auto") -> Tensor:
     """Analytic antialiasing of silhouette edges; gives vertex positions a gradient at silhouettes.
-    `topology`: antialias_topology(tri, ...) of the same backend, if already built."""
+
+    method "walk": render/silhouette.py on either backend, its search run by `walk_kernel`
+    ("auto": Triton on CUDA when it imports, else PyTorch; "torch"; "triton"). "pixel":
+    nvdiffrast's antialias (or its PyTorch copy on the torch backend).
+    `topology`: antialias_topology(tri, ..., method=method) of the same backend, if already built.
+    """
     _check_rast(rast)
     _check_tensor("color", color, torch.float32, rast.device)
     _check_tensor("pos", pos, torch.float32, rast.device)
     _check_tri(tri, rast.device)
+    _check_method(method)
     if color.ndim != 4 or color.shape[:3] != rast.shape[:3]:
         raise RasterInputError(f"color: expected [B, H, W, C] with [B, H, W] = {tuple(rast.shape[:3])}, "
                                f"got {tuple(color.shape)}")
     if pos.ndim not in (2, 3) or pos.shape[-1] != 4 or (pos.ndim == 3 and pos.shape[0] != rast.shape[0]):
         raise RasterInputError(f"pos: expected the [B, V, 4] or [V, 4] tensor given to rasterize, "
                                f"got {tuple(pos.shape)}")
-    if _op_backend(backend, rast.device) == "nvdiffrast":
+    if (topology is not None) and (method == "walk") != isinstance(topology, SilhouetteTopology):
+        raise RasterInputError(f"topology: expected antialias_topology(tri, V, method='{method}'), got one "
+                               f"built for method '{'pixel' if method == 'walk' else 'walk'}'")
+    op_backend = _op_backend(backend, rast.device)
+    if method == "walk":
+        return silhouette.antialias_walk(color, rast, pos, tri, topology, kernel=walk_kernel)
+    if op_backend == "nvdiffrast":
         return _call_nvdiffrast(_nv_module.antialias, color.contiguous(), rast.contiguous(),
                                 pos.contiguous(), tri.contiguous(), topology_hash=topology)
     return raster_torch.antialias(color, rast, pos, tri, opposite=topology)

@@ -9,7 +9,10 @@ ms per iteration (wall time of consecutive steps between two device syncs; on CU
 step, from the device time between consecutive steps' start events); the floor = the same
 diffusion calls alone at the same batch, made exactly as the pipeline makes them (coarse: the CFG UNet
 forward on 64x64 latents; fine/appearance: VAE encode forward+backward at 512^2 plus the UNet); their
-ratio; with the UNet replayed from a CUDA graph, also the floor of the plain (eager) diffusers call;
+ratio; with the UNet replayed from a CUDA graph or the calls compiled (config keys unet_cuda_graph,
+diffusion_compile, followed as in training), also the floor of the plain diffusers calls
+(``eager_floor_ms_median``; ``floor_to_eager_floor`` is what graphs and compilation gain on the calls
+alone, ``ratio_median_to_eager_floor`` the step against them) and the seconds each compile took;
 a breakdown of one step (geometry network, marching tets, rasterization + shading, guidance,
 backward, optimizer); and peak GPU memory. key=value overrides as in train.py. ``--profile DIR``
 adds per-step device-busy time, kernel launches, syncs, where the host waited for the device
@@ -44,6 +47,7 @@ from dataset.cameras import azimuth_sector, sample_train_cameras  # noqa: E402
 from geometry.marching_tets import marching_tets  # noqa: E402
 from phases import build_phase  # noqa: E402
 from scripts.make_tiny_sd import build_tiny_sd  # noqa: E402
+from sd import CudaGraphUNet  # noqa: E402
 from trainer import Trainer, make_generators  # noqa: E402
 
 
@@ -82,7 +86,14 @@ def stage_overrides(stage: str, cfg_mode: str, tmp: Path, base_mesh_exists: bool
 
 def floor_fn(phase, stage: str, batch: int, device: torch.device) -> Callable[[], None]:
     """The diffusion calls of one step alone, on random inputs of the step's shapes."""
-    sd = phase.guide.model
+    return diffusion_calls(phase.guide.model, stage, batch, device)
+
+
+def diffusion_calls(sd, stage: str, batch: int, device: torch.device) -> Callable[[], None]:
+    """The diffusion calls of one step of `stage` (coarse, fine, appearance) with the guidance model
+    `sd` (sd.StableDiffusionGuidance), made as the step makes them: coarse, the CFG UNet forward on
+    latents [B, 4, R/8, R/8]; fine and appearance, the VAE encoder forward at R^2 (R =
+    image_resolution), the UNet, and the VAE encoder backward. Inputs random, of the step's shapes."""
     gen = torch.Generator(device=device).manual_seed(0)
     view = torch.zeros(batch, dtype=torch.int64, device=device)
     t = torch.full((batch,), 500, dtype=torch.int64, device=device)
@@ -90,9 +101,10 @@ def floor_fn(phase, stage: str, batch: int, device: torch.device) -> Callable[[]
     if sd.opts.perp_neg:   # the step's UNet call: 4B rows (uncond, blended view prompt, two negatives)
         emb, neg_weights = sd.perp_neg_embeddings(torch.zeros(batch, device=device), batch)
     if stage == "coarse":
-        z = torch.randn(batch, 4, 64, 64, device=device)
+        z = torch.randn(sd.latent_shape(batch), device=device)
         return lambda: sd.predict_eps(z, t, emb, neg_weights)
-    imgs = torch.rand(batch, 3, 512, 512, device=device, requires_grad=True)
+    res = sd.opts.image_resolution
+    imgs = torch.rand(batch, 3, res, res, device=device, requires_grad=True)
 
     def call() -> None:
         lat = sd.encode_images(imgs, gen)
@@ -342,12 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     floor = timed(floor_fn(phase, args.stage, cfg.batch, device), device, args.iters, args.warmup)
     eager_floor = None
     sd = phase.guide.model
-    # Also the floor of the plain diffusers call (docs/DESIGN.md, "Performance floor").
-    if sd.unet_runner != sd.eager_unet:
-        sd.unet_runner, graphed = sd.eager_unet, sd.unet_runner
-        eager_floor = statistics.median(timed(floor_fn(phase, args.stage, cfg.batch, device), device,
-                                              args.iters, args.warmup))
-        sd.unet_runner = graphed
+    compiled = [c.name for c in sd.compiled_calls if c.failure is None]
+    # Also the floor of the plain diffusers calls, neither graphed nor compiled (docs/DESIGN.md,
+    # "Performance floor"): what the step and the floor above are measured against.
+    if sd.unet_runner != sd.eager_unet or compiled:
+        with sd.eager_calls():
+            eager_floor = statistics.median(timed(floor_fn(phase, args.stage, cfg.batch, device), device,
+                                                  args.iters, args.warmup))
     parts = breakdown(phase, trainer, args.stage, device, max(5, args.iters // 3))
     med, fl = mean_ms, statistics.median(floor)
     prof = (profile_steps(trainer, it0 + args.warmup + args.iters + 2, 5, Path(args.profile))
@@ -368,10 +381,15 @@ def main(argv: list[str] | None = None) -> int:
               **({"iteration_ms_median": round(statistics.median(periods), 3),
                   "ratio_median": round(statistics.median(periods) / fl, 3),
                   "iteration_ms_max": round(max(periods), 3)} if periods else {}),
-              "unet": "cuda_graph" if eager_floor is not None else "eager",
+              "unet": "cuda_graph" if isinstance(sd.unet_runner, CudaGraphUNet) else "eager",
+              "diffusion_compile": cfg.diffusion_compile, "compiled_calls": compiled,
+              "compile_s": sd.compile_seconds(),
               "floor_ms_median": round(fl, 3), "ratio": round(med / fl, 3),
-              **({"eager_unet_floor_ms_median": round(eager_floor, 3),
-                  "ratio_to_eager_unet_floor": round(med / eager_floor, 3)} if eager_floor else {}),
+              **({"eager_floor_ms_median": round(eager_floor, 3),
+                  "ratio_to_eager_floor": round(med / eager_floor, 3),
+                  "floor_to_eager_floor": round(fl / eager_floor, 3),
+                  **({"ratio_median_to_eager_floor": round(statistics.median(periods) / eager_floor, 3)}
+                     if periods else {})} if eager_floor else {}),
               "breakdown_ms": parts,
               "peak_mem_gib": round(peak_step, 3) if peak_step is not None else None,
               **({"profile": prof} if prof else {})}
@@ -380,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")
     print(f"{args.config} {args.stage}: {med:.1f} ms/it (median {result.get('iteration_ms_median')}), floor {fl:.1f} ms, "
-          f"ratio {med / fl:.3f} (median {result.get('ratio_median')}), "
+          f"ratio {med / fl:.3f} (median {result.get('ratio_median')}), eager floor "
+          f"{result.get('eager_floor_ms_median')} ms (median step / eager floor "
+          f"{result.get('ratio_median_to_eager_floor')}), compiled {compiled or 'nothing'}, "
           f"peak {result['peak_mem_gib']} GiB; breakdown {parts}" + (f"; profile {prof}" if prof else ""))
     return 0
 

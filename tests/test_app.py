@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 UPLOAD_LIMIT_MB = 1
 # The geometry test's run: shortest SDF pretraining that keeps a surface on the 32 grid (as in
 # tests/test_tensorboard.py), two iterations, no turntable.
-TINY_KEYS = "sdf_init_iter=60\nmesh_scale=2.1\nsdf_init_shape_scale=[1,1,1]\nvideo_frames=0"
+TINY_KEYS = "sdf_init_iter=60\nmesh_scale=2.1\nsdf_init_shape_scale=[1,1,1]\nvideo_frames=0\nhash_table_log2=16"
 
 
 

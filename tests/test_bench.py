@@ -1,9 +1,13 @@
-"""scripts/bench.py: attributing the host's waits for the device in a profiler trace."""
+"""scripts/bench.py: attributing the host's waits for the device in a profiler trace; the floor's calls."""
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from scripts.bench import blocking_waits, device_idle, device_periods_ms
+import pytest
+import torch
+
+from scripts.bench import blocking_waits, device_idle, device_periods_ms, diffusion_calls
+from sd import GuidanceOptions, StableDiffusionGuidance
 from scripts.dev.host_window import windows
 
 
@@ -84,3 +88,20 @@ def test_device_periods_are_the_gaps_between_step_starts() -> None:
             return later.t - self.t
     assert device_periods_ms([Event(0.0), Event(10.0), Event(25.0)]) == [10.0, 15.0]
     assert device_periods_ms([Event(0.0)]) == []
+
+
+def test_floor_makes_the_steps_calls_through_the_configured_runners(tiny_sd_path: Path) -> None:
+    """The floor times whatever the step runs (compiled or graphed calls); eager_calls() gives the
+    plain diffusers baseline."""
+    guidance = StableDiffusionGuidance(GuidanceOptions(sd_model=str(tiny_sd_path), text="a red car",
+                                                       image_resolution=64, diffusion_compile="off"), "cpu")
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    vae, unet = guidance.vae_runner, guidance.unet_runner
+    guidance.vae_runner = lambda x: seen.append(("vae", tuple(x.shape))) or vae(x)
+    guidance.unet_runner = lambda z, t, e: seen.append(("unet", tuple(z.shape))) or unet(z, t, e)
+    diffusion_calls(guidance, "fine", 2, torch.device("cpu"))()
+    diffusion_calls(guidance, "coarse", 2, torch.device("cpu"))()
+    assert seen == [("vae", (2, 3, 64, 64)), ("unet", (4, 4, 8, 8)), ("unet", (4, 4, 8, 8))]
+    with guidance.eager_calls():
+        diffusion_calls(guidance, "appearance", 2, torch.device("cpu"))()
+    assert len(seen) == 3

@@ -8,15 +8,17 @@ import torch
 
 import distributed
 from checkpoint import PREVIOUS_CHECKPOINT_NAME, Checkpoints, save_atomic
+from config import Config
 from run_status import RunContext, RunProgress, RunStatus, TrainingError
 
 CPU = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def make(run_dir: Path, mode: str = "geometry_modeling") -> tuple[Checkpoints, RunContext]:
+def make(run_dir: Path, **values: object) -> tuple[Checkpoints, RunContext]:
     streams = (torch.Generator().manual_seed(1), torch.Generator().manual_seed(2))
     context = RunContext(RunProgress(total=10), RunStatus(run_dir / "status.json"))
-    return Checkpoints(run_dir, CPU, mode, streams, context), context
+    cfg = Config(**{"mode": "geometry_modeling", "guidance": "target_mesh", **values})
+    return Checkpoints(run_dir, CPU, cfg, streams, context), context
 
 
 def test_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
@@ -44,11 +46,15 @@ def test_resume_restores_the_state_and_the_random_streams(tmp_path: Path) -> Non
         assert torch.equal(torch.rand(3, generator=g), want)
 
 
-def test_resume_checks_mode_and_warns_on_another_world_size(tmp_path: Path) -> None:
+def test_resume_keeps_what_shapes_the_networks_and_warns_on_another_world_size(tmp_path: Path) -> None:
     saver, _ = make(tmp_path)
-    saver.write(2, lambda: {"config": {"mode": "geometry_modeling"}}, saver.gather_rng() * 2)   # as from 2 processes
-    with pytest.raises(TrainingError, match="is a geometry_modeling checkpoint"):
-        make(tmp_path, "appearance_modeling")[0].resume("auto", lambda state: None)
+    # A checkpoint written before hash_table_log2 existed: its table had the default 2^19 rows.
+    saver.write(2, lambda: {"config": {"mode": "geometry_modeling", "geometry": "dmtet"}},
+                saver.gather_rng() * 2)   # as from 2 processes
+    with pytest.raises(TrainingError, match=r"mode='geometry_modeling' \(this config: 'appearance_modeling'\)"):
+        make(tmp_path, mode="appearance_modeling")[0].resume("auto", lambda state: None)
+    with pytest.raises(TrainingError, match=r"hash_table_log2=19 \(this config: 16\).*resume=null"):
+        make(tmp_path, hash_table_log2=16)[0].resume("auto", lambda state: None)
     with pytest.warns(UserWarning, match="written by 2 processes, running 1"):
         assert make(tmp_path)[0].resume("auto", lambda state: None) == 2
 

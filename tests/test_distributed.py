@@ -42,7 +42,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_sd_path: Path) -> None:
     cfg.write_text(json.dumps({
         "mode": "geometry_modeling", "text": "a cup", "device": "cpu", "sd_model": str(tiny_sd_path),
         "dmtet_grid": 32, "train_res": [64, 64], "batch": 2, "iter": iters, "coarse_iter": 2,
-        "save_interval": save, "sdf_init_iter": 60, "seed": 7,
+        "save_interval": save, "sdf_init_iter": 60, "seed": 7, "hash_table_log2": 16,
         "validate": False, "out_dir": str(run_dir)}))
     # One OpenMP thread per process: 2 processes share the 2 cores without oversubscription.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}

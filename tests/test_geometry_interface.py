@@ -39,7 +39,7 @@ class ToySphere(SurfaceGeometry):
 
     N_LEVELS = 3                # pretend hash-grid levels, so the phase's level schedule has work
 
-    def __init__(self, grid_res: int, mesh_scale: float, backend: str = "auto",
+    def __init__(self, grid_res: int, mesh_scale: float, backend: str = "auto", encoder_opts: object = None,
                  device: torch.device | str = "cpu") -> None:
         super().__init__()
         self.grid_res, self.mesh_scale = grid_res, mesh_scale

@@ -95,7 +95,8 @@ def test_classify_triton_matches_reference_on_gpu() -> None:
 
 
 def test_cuda_graph_unet_matches_eager(tiny_sd_path: Path) -> None:
-    sd = StableDiffusionGuidance(_opts(tiny_sd_path, add_directional_text=True), "cuda")
+    # Uncompiled: the graph then holds the eager call's own kernels (tests/test_compile.py checks the compiled one).
+    sd = StableDiffusionGuidance(_opts(tiny_sd_path, add_directional_text=True, diffusion_compile="off"), "cuda")
     assert isinstance(sd.unet_runner, CudaGraphUNet)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for step in range(3):   # first call captures; later calls replay with new inputs

@@ -72,7 +72,8 @@ def _geometry(folder: Path) -> dict:
     return {"mode": "geometry_modeling", "device": "cpu", "guidance": NAME, "sdf_init_shape": "ellipsoid",
             "sdf_init_shape_scale": [1, 1, 1], "sdf_init_iter": 80, "iter": 6, "coarse_iter": 3,
             "save_interval": 6, "train_res": [64, 64], "batch": 1, "dmtet_grid": 32, "mesh_scale": 2.3,
-            "validate": False, "video_frames": 0, "tensorboard": "off", "out_dir": str(folder / "geometry")}
+            "validate": False, "video_frames": 0, "tensorboard": "off", "hash_table_log2": 16,
+            "out_dir": str(folder / "geometry")}
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_a_registered_guidance_drives_both_phases(tmp_path: Path, constant_guida
     appearance = {"mode": "appearance_modeling", "device": "cpu", "guidance": NAME, "base_mesh": str(mesh),
                   "iter": 25, "coarse_iter": 0, "save_interval": 25, "train_res": [64, 64], "texture_res": [64, 64],
                   "batch": 1, "env_res": 64, "validate": False, "video_frames": 0, "tensorboard": "off",
-                  "sds_weight_strategy": 1, "out_dir": str(tmp_path / "appearance")}
+                  "sds_weight_strategy": 1, "hash_table_log2": 16, "out_dir": str(tmp_path / "appearance")}
     assert run_train(write_config(tmp_path, appearance, "appearance.json")) == 0
     kinds = {(stage, kind) for stage, kind, _ in constant_guidance.last.seen}
     assert kinds == {("appearance", IMAGE)}

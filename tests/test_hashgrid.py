@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from geometry.hashgrid import (GridLayout, HashGridBackendError, HashGridOptions, PRIMES, hash_encode_torch,
-                               make_encoder, normalize_to_aabb, published_adamw, triton_unavailable_reason)
+                               make_encoder, normalize_to_aabb, published_adamw, triton_unavailable_reason,
+                               zero_finer_levels)
 from geometry.sdf_net import SDFNetwork
 from scripts.dev.gpu_check_hashgrid import TOLERANCES
 
@@ -188,10 +189,32 @@ def test_sdf_network_active_levels_hide_the_fine_levels() -> None:
     grad = net.encoder.table.grad
     assert grad[fine_rows].abs().max() == 0 and grad[:layout.offsets[5]].abs().max() > 0
     net.set_active_levels(16)
-    assert net._feature_mask is None and not torch.equal(net(x)[0], masked)
+    assert net.active_levels == 16 and not torch.equal(net(x)[0], masked)
     for bad in (0, 17, 2.5, True):
         with pytest.raises(ValueError, match="set_active_levels"):
             net.set_active_levels(bad)
+
+
+def test_skipping_the_fine_levels_equals_masking_them() -> None:
+    """The PyTorch encoder's `levels` skips the finer levels' lookups: its features and its table
+    gradient equal the full encoding's with those levels masked, bit for bit (the same per-level
+    arithmetic; masked features are exact zeros either way)."""
+    torch.manual_seed(1)
+    enc = make_encoder(AABB, HashGridOptions(log2_hashmap_size=12), backend="torch")
+    with torch.no_grad():
+        enc.table.uniform_(-1.0, 1.0)
+    x = torch.rand(300, 3) * 2 - 1
+    weights = torch.randn(300, enc.output_dim)
+    results = []
+    for skip in (True, False):
+        enc.table.grad = None
+        feat = enc(x, levels=5) if skip else zero_finer_levels(enc(x), 5, 16)
+        (feat * weights).sum().backward()
+        results.append((feat.detach(), enc.table.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert results[0][0][:, 10:].abs().max() == 0 and results[0][0][:, :10].abs().max() > 0
+    with pytest.raises(ValueError, match=r"'levels' must be None or an int in \[1, 16\]; got 0"):
+        enc(x, levels=0)
 
 
 @pytest.mark.slow

@@ -186,14 +186,15 @@ def test_interpolate_gradients_reach_vertices_through_barycentrics() -> None:
     assert analytic == pytest.approx(fd, rel=2e-2)
 
 
-def _aa_sum(pos: torch.Tensor, tri: torch.Tensor, res: int, weights: torch.Tensor) -> torch.Tensor:
+def _aa_sum(pos: torch.Tensor, tri: torch.Tensor, res: int, weights: torch.Tensor, method: str) -> torch.Tensor:
     rast, _ = raster.rasterize(CTX, pos, tri, (res, res))
     colour, _ = raster.interpolate(torch.ones(1, pos.shape[1], 1), rast, tri)
-    return (raster.antialias(colour, rast, pos, tri) * weights).sum()
+    return (raster.antialias(colour, rast, pos, tri, method=method) * weights).sum()
 
 
+@pytest.mark.parametrize("method", raster.ANTIALIAS_METHODS)
 @pytest.mark.parametrize("axis", [0, 1])   # 0: shift in x (mostly vertical edge), 1: shift in y
-def test_antialias_gradient_predicts_one_pixel_edge_shift(axis: int) -> None:
+def test_antialias_gradient_predicts_one_pixel_edge_shift(axis: int, method: str) -> None:
     res = 64
     base = torch.tensor([[-0.7, -0.8, 0.0, 1.0], [0.33 * 1.3, -0.6 * 1.3, 0.0, 1.3], [0.1, 0.9, 0.0, 1.0]])
     if axis == 1:
@@ -201,7 +202,7 @@ def test_antialias_gradient_predicts_one_pixel_edge_shift(axis: int) -> None:
     tri = torch.tensor([[0, 1, 2]], dtype=torch.int32)
     weights = 1.0 + 0.5 * torch.linspace(0, 1, res)[None, :, None, None].expand(1, res, res, 1)
     pos = base[None].clone().requires_grad_(True)
-    value = _aa_sum(pos, tri, res, weights)
+    value = _aa_sum(pos, tri, res, weights, method)
     value.backward()
     assert pos.grad is not None and torch.isfinite(pos.grad).all()
     # Move vertices 1 and 2 by exactly one pixel along `axis` (scaled by w: clip space).
@@ -210,19 +211,20 @@ def test_antialias_gradient_predicts_one_pixel_edge_shift(axis: int) -> None:
     delta[2, axis] = 2.0 / res * base[2, 3]
     predicted = float((pos.grad[0] * delta).sum())
     with torch.no_grad():
-        actual = float(_aa_sum((base + delta)[None], tri, res, weights) - value)
+        actual = float(_aa_sum((base + delta)[None], tri, res, weights, method) - value)
     assert abs(predicted) > 5.0
     assert predicted == pytest.approx(actual, rel=0.10)
 
 
-def test_antialias_leaves_interior_edges_alone() -> None:
+@pytest.mark.parametrize("method", raster.ANTIALIAS_METHODS)
+def test_antialias_leaves_interior_edges_alone(method: str) -> None:
     # Two triangles of one quad: the shared diagonal is not a silhouette, so nothing changes there.
     pos = torch.tensor([[[-0.5, -0.5, 0.0, 1.0], [0.5, -0.5, 0.0, 1.0], [0.5, 0.5, 0.0, 1.0],
                          [-0.5, 0.5, 0.0, 1.0]]])
     tri = torch.tensor([[0, 1, 2], [0, 2, 3]], dtype=torch.int32)
     rast, _ = raster.rasterize(CTX, pos, tri, (32, 32))
     colour = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(1)) * (rast[..., 3:] > 0)
-    out = raster.antialias(colour, rast, pos, tri)
+    out = raster.antialias(colour, rast, pos, tri, method=method)
     changed = (out != colour).any(-1)[0]
     inside = torch.zeros(32, 32, dtype=torch.bool)
     inside[10:22, 10:22] = True                                        # well inside the quad

@@ -88,6 +88,34 @@ def test_gpu_check_shading_times_the_path_on_cpu(tmp_path: Path) -> None:
     assert "skipped" in str(result["texture_parity"]) and result["shading"]["covered_pixels"] > 0, result
 
 
+def test_compile_check_reports_every_stage_on_cpu(tmp_path: Path, tiny_sd_path: Path) -> None:
+    """aot_eager: the script's measurement and parity plumbing without inductor's minutes of C++ compiling."""
+    proc = run_script("scripts/dev/compile_check.py", "--device", "cpu", "--sd-model", str(tiny_sd_path),
+                      "--resolution", "64", "--batch", "2", "--backend", "aot_eager", "--iters", "1", "--warmup", "0",
+                      "--draws", "2", "--out-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "compile_check.json").read_text())
+    assert list(result["stages"]) == ["coarse", "fine", "appearance"]
+    for row in result["stages"].values():
+        assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["parity"]["cos_min"] > 0.999999, row
+    assert result["stages"]["coarse"]["compile_s"] > 0 and result["stages"]["fine"]["compile_s"] > 0   # UNet, VAE
+    assert proc.stdout.splitlines()[-1].startswith("appearance ")      # the table comes last
+
+
+def test_silhouette_check_smoke_on_cpu(tmp_path: Path) -> None:
+    """Small icospheres and a grid-32 DMTet surface: the walk's gradient accounts for the silhouette's
+    motion, nvdiffrast's method for at most about half of it; both are timed."""
+    out = tmp_path / "silhouette.json"
+    proc = run_script("scripts/dev/silhouette_check.py", "--device", "cpu", "--smoke", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    cases = result["cases"]
+    assert len(cases) == 3 and all(0.9 <= c["walk_torch"]["ratio"] <= 1.1 and c["pixel"]["ratio"] < 0.6
+                                   for c in cases), cases
+    assert all(1 <= c["longest_walk"] <= result["max_steps"] for c in cases), cases
+    assert result["timing"]["pixel"]["median_ms"] > 0 and result["timing"]["walk_torch"]["median_ms"] > 0
+
+
 @pytest.mark.parametrize("script", ["scripts/dev/pretraining_fit.py", "scripts/dev/cup_null_space.py",
                                     "scripts/dev/host_window.py", "scripts/dev/fingerprint.py"])
 def test_gpu_scripts_import_and_explain_themselves(script: str) -> None:

@@ -25,9 +25,12 @@ for stage in "${stages[@]}"; do
     python - "$out/${stage}_${side}.json" "$stage" "$side" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
+eager = r.get('eager_floor_ms_median') or r.get('eager_unet_floor_ms_median') or float('nan')   # older trees: the latter
 print(f"{sys.argv[2]:<11} {sys.argv[3]:<7} step {r.get('iteration_ms_median', float('nan')):7.2f} ms  floor "
-      f"{r.get('floor_ms_median', float('nan')):7.2f}  eager floor {r.get('eager_unet_floor_ms_median') or float('nan'):7.2f}  "
-      f"ratio {r.get('ratio_median', float('nan')):.3f}  vs eager {r.get('iteration_ms_median', float('nan')) / (r.get('eager_unet_floor_ms_median') or float('nan')):.3f}  peak {r.get('peak_mem_gib', float('nan')):.1f} GiB")
+      f"{r.get('floor_ms_median', float('nan')):7.2f}  eager floor {eager:7.2f}  "
+      f"ratio {r.get('ratio_median', float('nan')):.3f}  vs eager {r.get('iteration_ms_median', float('nan')) / eager:.3f}  "
+      f"peak {r.get('peak_mem_gib', float('nan')):.1f} GiB  compiled {','.join(r.get('compiled_calls') or []) or '-'} "
+      f"({sum((r.get('compile_s') or {}).values()):.0f} s)")
 PY
   done
 done
