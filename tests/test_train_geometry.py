@@ -39,7 +39,6 @@ TINY_GEOMETRY: dict[str, Any] = {
     "dmtet_grid": 32, "train_res": [64, 64], "batch": 1, "iter": 8, "coarse_iter": 4, "save_interval": 4,
     "sdf_init_iter": 60, "video_frames": 6,   # SDF pretraining dominates these runs: keep it short
     "display": [{"bsdf": "normal"}],
-    "hash_table_log2": 16,   # as the CPU demo: every step updates the whole table
 }
 
 
