@@ -18,6 +18,8 @@ recomputed for the winners only, with autograd supplying the gradients nvdiffras
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -32,7 +34,7 @@ MAX_TRIANGLES = 1 << 24  # triangle ids are stored exactly in float32 up to 2^24
 # Shared helpers
 
 
-def _same_sign(a: Tensor, b: Tensor) -> Tensor:
+def same_sign(a: Tensor, b: Tensor) -> Tensor:
     """Sign-bit comparison, like nvdiffrast's same_sign (so +0 and -0 differ)."""
     return torch.signbit(a) == torch.signbit(b)
 
@@ -351,10 +353,10 @@ def _discontinuities(rast: Tensor) -> tuple[Tensor, Tensor]:
     return pixel0, d
 
 
-def _max_idx3(n: list[Tensor], dd: list[Tensor]) -> Tensor:
+def max_idx3(n: Sequence[Tensor], dd: Sequence[Tensor]) -> Tensor:
     """nvdiffrast's max_idx3 over rational numbers n_i / d_i (ties resolve to the lower index)."""
     def gt(n0: Tensor, n1: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
-        return (n0 * d1 > n1 * d0) == _same_sign(d0, d1)
+        return (n0 * d1 > n1 * d0) == same_sign(d0, d1)
 
     g10 = gt(n[1], n[0], dd[1], dd[0])
     g20 = gt(n[2], n[0], dd[2], dd[0])
@@ -416,7 +418,7 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor,
     wing = []
     for i, (j, k) in enumerate([(1, 2), (2, 0), (0, 1)]):             # wing i: edge (j, k) seen from op i
         wing.append((xd[:, j] - ox[:, i]) * (yd[:, k] - oy[:, i]) - (xd[:, k] - ox[:, i]) * (yd[:, j] - oy[:, i]))
-    sil = [_same_sign(a, bb) for a in wing]                           # edge i is a silhouette edge
+    sil = [same_sign(a, bb) for a in wing]                           # edge i is a silhouette edge
 
     # Work in a frame where the pixel pair is horizontal (swap x/y for vertical pairs).
     down = (d == 1)[:, None]
@@ -427,11 +429,11 @@ def antialias(color: Tensor, rast: Tensor, pos: Tensor, tri: Tensor,
     dn = [ds * (x[:, 1] * dy[0] - y[:, 1] * dx[0]), ds * (x[:, 2] * dy[1] - y[:, 2] * dx[1]),
           ds * (x[:, 0] * dy[2] - y[:, 0] * dx[2])]
     yds = y.detach()
-    no_cross = [_same_sign(yds[:, 1], yds[:, 2]), _same_sign(yds[:, 2], yds[:, 0]),
-                _same_sign(yds[:, 0], yds[:, 1])]                     # edge does not cross the pair's line
+    no_cross = [same_sign(yds[:, 1], yds[:, 2]), same_sign(yds[:, 2], yds[:, 0]),
+                same_sign(yds[:, 0], yds[:, 1])]                     # edge does not cross the pair's line
     n_sel = [torch.where(nc, torch.full_like(v, -_F32_MAX), v.detach()) for nc, v in zip(no_cross, dn)]
     d_sel = [torch.where(nc, torch.ones_like(v), v.detach()) for nc, v in zip(no_cross, dy)]
-    di = _max_idx3(n_sel, d_sel)
+    di = max_idx3(n_sel, d_sel)
 
     dc = torch.full_like(ds, -_F32_MAX)
     for i in range(3):

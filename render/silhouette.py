@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from render.raster_torch import max_idx3, same_sign
+
 # The Triton walk is GPU software that CPU machines often lack; the reason is kept for the error a
 # request for kernel="triton" raises (never a silent fallback). Importing it fixes its compiled or
 # interpreted mode from TRITON_INTERPRET.
@@ -211,22 +213,6 @@ def silhouette_topology(tri_fx3: Tensor, num_vertices: int) -> SilhouetteTopolog
 # The walk (PyTorch reference)
 
 
-def _same_sign(a: Tensor, b: Tensor) -> Tensor:
-    """Sign-bit comparison, like nvdiffrast's same_sign (so +0 and -0 differ)."""
-    return torch.signbit(a) == torch.signbit(b)
-
-
-def _max_idx3(n: tuple[Tensor, ...], d: tuple[Tensor, ...]) -> Tensor:
-    """nvdiffrast's max_idx3: the largest of n_i / d_i without dividing (ties: the lower index)."""
-    def gt(n0: Tensor, n1: Tensor, d0: Tensor, d1: Tensor) -> Tensor:
-        return (n0 * d1 > n1 * d0) == _same_sign(d0, d1)
-
-    g10 = gt(n[1], n[0], d[1], d[0])
-    g20 = gt(n[2], n[0], d[2], d[0])
-    g21 = gt(n[2], n[1], d[2], d[1])
-    return torch.where(g20 & g21, 2, torch.where(g10, 1, 0))
-
-
 def screen_positions(pos: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """Clip-space positions [B, V, 4] or [V, 4] -> (pixel-space x, y [N, 2] relative to the image
     centre, flattened over the batch; in front of the camera (w > 0) [N] bool). No gradient."""
@@ -309,7 +295,7 @@ def _walk_step(lanes: _Lanes, table: Tensor, tri_flat: Tensor, sxy: Tensor, fron
     xj, xk, ox, yj, yk, oy = x[:, 1:4], x[:, 2:5], x[:, 5:8], y[:, 1:4], y[:, 2:5], y[:, 5:8]
     wing = (xj - ox) * (yk - oy) - (xk - ox) * (yj - oy)                  # [L, 3]
     # A silhouette edge: the wing vertex lies on the triangle's side of it (the surface folds back).
-    sil = _same_sign(wing, bb[:, None])
+    sil = same_sign(wing, bb[:, None])
 
     # In a frame where the pair is horizontal: the segment runs along x from the foreground
     # centre (x = 0) to the other one (x = ds); an edge crosses its line where its ends' y differ
@@ -320,10 +306,10 @@ def _walk_step(lanes: _Lanes, table: Tensor, tri_flat: Tensor, sxy: Tensor, fron
     dx, dy = xk - xj, yk - yj
     dn = lanes.ds[:, None] * (xj * dy - yj * dx)
     # The edge the walk came in through is never its exit (a segment through a vertex ties there).
-    no_cross = _same_sign(yj, yk) | (lanes.entry[:, None] == torch.arange(3, device=yj.device))
+    no_cross = same_sign(yj, yk) | (lanes.entry[:, None] == torch.arange(3, device=yj.device))
     n_sel = torch.where(no_cross, -_F32_MAX, dn)
     d_sel = torch.where(no_cross, 1.0, dy)
-    e = _max_idx3(n_sel.unbind(1), d_sel.unbind(1))                       # the exit edge: largest crossing
+    e = max_idx3(n_sel.unbind(1), d_sel.unbind(1))                       # the exit edge: largest crossing
     crosses = ~_pick(no_cross, e)
     dy_e, dx_e = _pick(dy, e), _pick(dx, e)
     t = _pick(dn, e) / torch.where(crosses, dy_e, 1.0)
