@@ -385,7 +385,7 @@ class Config:
                               "rows of each hashed level of the hash grids (the SDF network's and the material's) "
                               "as a power of two: 19 as published (2^19 rows of 2 features). Smaller tables take "
                               "less memory and per-step time (every step updates the whole table) and hold less "
-                              "fine detail: the CPU demo uses 16. Fixed for a run: a resume must use its value",
+                              "fine detail: the CPU demo uses 17. Fixed for a run: a resume must use its value",
                               ours=True)
     mesh_scale: float = _k(2.1, number(0.0, lo_open=True), "edge length of the tet grid's box, centred at the "
                            "origin: the object must fit in [-mesh_scale/2, mesh_scale/2]^3")

@@ -73,8 +73,8 @@ class SurfaceGeometry(nn.Module, metaclass=ABCMeta):
     (make_geometry): `grid_res` the grid resolution of the first iteration (dmtet_grid),
     `mesh_scale` the side of the cube the surface lives in (centred on the origin), `backend` the
     hash-grid encoder backend ("auto", "torch", "triton", "tcnn") and `encoder_opts` its options
-    (HashGridOptions; representations without a hash grid accept and ignore both), `device` where
-    its tensors live.
+    (HashGridOptions, None: the published ones; representations without a hash grid accept and
+    ignore both), `device` where its tensors live.
     """
 
     grid_res: int               # the resolution of the current grid (set_grid)
@@ -174,5 +174,4 @@ def make_geometry(name: str, *, grid_res: int, mesh_scale: float, backend: str =
     if not (isinstance(cls, type) and issubclass(cls, SurfaceGeometry)):
         raise TypeError(f"make_geometry: geometry {name!r} must be registered as a SurfaceGeometry subclass "
                         f"(geometry/base.py); got {cls!r}")
-    return cls(grid_res=grid_res, mesh_scale=mesh_scale, backend=backend,
-               encoder_opts=encoder_opts or HashGridOptions(), device=device)
+    return cls(grid_res=grid_res, mesh_scale=mesh_scale, backend=backend, encoder_opts=encoder_opts, device=device)
