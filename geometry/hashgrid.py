@@ -15,12 +15,11 @@ Backends (same parameter layout, so they can be compared on shared weights):
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from geometry.hashgrid_layout import PRIMES, GridLayout, HashGridOptions
+from render.util import triton_interpreter_active
 
 # The optional backends, imported here once; the reason one is missing is kept for the error that
 # a request for it raises (make_encoder never falls back silently). Triton is GPU-only software:
@@ -251,10 +250,6 @@ def make_encoder(aabb_2x3: torch.Tensor, opts: HashGridOptions | None = None,
 def triton_unavailable_reason() -> str | None:
     """Why the Triton kernels cannot be used in this process (None: they can)."""
     return _TRITON_MISSING
-
-
-def triton_interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def tcnn_unavailable_reason(device: torch.device) -> str | None:

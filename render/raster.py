@@ -19,6 +19,7 @@ context is only created when one is requested.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from torch import Tensor
 from render import raster_torch, silhouette
 from render.silhouette import SilhouetteTopology
 from render.texture_torch import texture_torch
+from render.util import check_tensor
 
 # nvdiffrast, the CUDA rasterizer, is optional (CPU-only installs use the torch backend): its import
 # error is the reason given when backend="nvdiffrast" is requested, or auto falls back on CUDA.
@@ -183,18 +185,8 @@ def _op_backend(backend: str | RasterContext, device: torch.device) -> str:
 # Validation
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    return a.type == b.type and (a.type != "cuda" or (a.index or 0) == (b.index or 0))
-
-
-def _check_tensor(name: str, x: Any, dtype: torch.dtype | None, device: torch.device | None) -> None:
-    if not isinstance(x, Tensor):
-        raise RasterInputError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if dtype is not None and x.dtype != dtype:
-        hint = ".int()" if dtype == torch.int32 else ".float()"
-        raise RasterInputError(f"{name}: expected dtype {dtype}, got {x.dtype} (convert with {hint})")
-    if device is not None and not _same_device(x.device, device):
-        raise RasterInputError(f"{name}: expected device {device}, got {x.device}")
+# Every input check of this module raises RasterInputError.
+_check_tensor = functools.partial(check_tensor, error=RasterInputError)
 
 
 def _check_tri(tri: Any, device: torch.device) -> None:

@@ -29,13 +29,14 @@ Pixel pairs are indexed [2, B, H, W]: direction 0 pairs pixel (x, y) with (x + 1
 """
 from __future__ import annotations
 
-import os
+import functools
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from render.raster_torch import max_idx3, same_sign
+from render.util import check_tensor, triton_interpreter_active
 
 # The Triton walk is GPU software that CPU machines often lack; the reason is kept for the error a
 # request for kernel="triton" raises (never a silent fallback). Importing it fixes its compiled or
@@ -88,14 +89,8 @@ class SilhouetteTopology(NamedTuple):
 # Validation
 
 
-def _check_tensor(name: str, x: object, dtype: torch.dtype, device: torch.device | None) -> None:
-    if not isinstance(x, Tensor):
-        raise SilhouetteInputError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype != dtype:
-        raise SilhouetteInputError(f"{name}: expected dtype {dtype}, got {x.dtype}")
-    if device is not None and (x.device.type != device.type
-                               or (device.type == "cuda" and (x.device.index or 0) != (device.index or 0))):
-        raise SilhouetteInputError(f"{name}: expected device {device}, got {x.device}")
+# Every input check of this module raises SilhouetteInputError.
+_check_tensor = functools.partial(check_tensor, error=SilhouetteInputError)
 
 
 def _check_tri(tri_fx3: object, device: torch.device | None) -> None:
@@ -144,14 +139,10 @@ def walk_kernel(kernel: str, device: torch.device) -> str:
     if kernel == "triton":
         if _TRITON_MISSING is not None:
             raise SilhouetteBackendError(f"walk kernel 'triton' requested but {_TRITON_MISSING}; use kernel='torch'")
-        if device.type != "cuda" and not _triton_interpreter_active():
+        if device.type != "cuda" and not triton_interpreter_active():
             raise SilhouetteBackendError(f"walk kernel 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for "
                                          f"CPU testing), got device {device}; use kernel='torch'")
     return kernel
-
-
-def _triton_interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Small tensor helpers shared by the appearance code: colour transfer functions, vector
-helpers, and the cube-map / lat-long parameterizations.
+"""Small tensor helpers shared by the render and geometry code: input checks, colour transfer
+functions, vector helpers, and the cube-map / lat-long parameterizations.
 
 Conventions (identical to nvdiffrast's cube-map indexing, so maps are interchangeable):
 - Cube faces in order +x, -x, +y, -y, +z, -z; a face is [H, W] with texel (row i, col j)
@@ -12,10 +12,34 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def triton_interpreter_active() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run in Triton's interpreter (how CPU tests run them)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Equal devices, with cuda and cuda:0 the same."""
+    return a.type == b.type and (a.type != "cuda" or (a.index or 0) == (b.index or 0))
+
+
+def check_tensor(name: str, x: Any, dtype: torch.dtype | None, device: torch.device | None,
+                 error: type[Exception] = ValueError) -> None:
+    """Raise `error` naming `name` unless x is a Tensor of `dtype` on `device` (None: any)."""
+    if not isinstance(x, Tensor):
+        raise error(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if dtype is not None and x.dtype != dtype:
+        hint = ".int()" if dtype == torch.int32 else ".float()"
+        raise error(f"{name}: expected dtype {dtype}, got {x.dtype} (convert with {hint})")
+    if device is not None and not same_device(x.device, device):
+        raise error(f"{name}: expected device {device}, got {x.device}")
 
 # Face id -> (axis of the major component, sign). Used by callers that need face normals.
 CUBE_FACE_AXES: tuple[tuple[int, float], ...] = ((0, 1.0), (0, -1.0), (1, 1.0), (1, -1.0), (2, 1.0), (2, -1.0))
