@@ -307,7 +307,7 @@ def _empty_mesh_message(sdf_v: torch.Tensor, grid_res: int, mesh_scale: float) -
         state = f"every grid vertex is outside (sdf >= 0, min {lo:.4g}): the shape vanished"
     else:
         state = f"every grid vertex is inside (sdf < 0, max {hi:.4g}): the shape fills the grid"
-    return (f"marching tets produced no triangles on the dmtet_grid={grid_res} grid "
+    return (f"marching tets produced no triangles on the tet grid {grid_res} "
             f"(mesh_scale={mesh_scale}): {state}. Likely fixes: with Stable Diffusion guidance, lower "
             "'guidance_weight' (SDS too strong destroys the shape early); check that "
             "'sdf_init_shape_scale', 'translation_y' and 'translation_z' put the initial shape inside "

@@ -210,8 +210,9 @@ def check_shape_in_grid(shape: InitShape, mesh_scale: float, grid_res: int | Non
         cell = mesh_scale / (grid_res / 2)
         if float((hi - lo).min()) < 2 * cell:
             warnings.warn(f"the init shape is thinner ({float((hi - lo).min()):.3f}) than two tet "
-                          f"grid cells ({2 * cell:.3f}) at dmtet_grid={grid_res} ({settings}); "
-                          "it may vanish - use a larger scale or a finer grid",
+                          f"grid cells ({2 * cell:.3f}) on the tet grid {grid_res} ({settings}); "
+                          "it may vanish - use a larger scale or a finer grid (dmtet_grid; dmtet_grid_coarse "
+                          "caps the coarse stage's)",
                           SdfInitWarning, stacklevel=2)
 
 

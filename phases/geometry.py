@@ -118,6 +118,13 @@ def sdf_levels_at(cfg: Config, it: int, n_levels: int) -> int:
     return min(n_levels, k + math.ceil((n_levels - k) * (it - cfg.coarse_iter) / cfg.sdf_levels_ramp))
 
 
+def grid_at(cfg: Config, it: int) -> int:
+    """The tet grid of iteration `it`: min(dmtet_grid, dmtet_grid_coarse) up to coarse_iter (the
+    surface forms on a grid no finer than the coarse cap), dmtet_grid after it."""
+    cap = cfg.dmtet_grid_coarse
+    return min(cfg.dmtet_grid, cap) if cap is not None and it <= cfg.coarse_iter else cfg.dmtet_grid
+
+
 def coarse_levels_vanishing_hint(levels: int, pretrain_mse: float | None) -> str:
     """Advice for a shape that vanished in the coarse stage with sdf_levels_coarse=`levels`, by
     the SDF pretraining's final mse (None: no pretraining this run, e.g. resumed)."""
@@ -173,9 +180,8 @@ class GeometryPhase:
         return "geometry_coarse" if it <= self.cfg.coarse_iter else "geometry_fine"
 
     def grid_at(self, it: int) -> int:
-        """The tet grid of iteration `it`: dmtet_grid_coarse (when set) in the coarse stage."""
-        coarse = self.cfg.dmtet_grid_coarse
-        return coarse if coarse is not None and it <= self.cfg.coarse_iter else self.cfg.dmtet_grid
+        """The tet grid of iteration `it`: at most dmtet_grid_coarse (when set) in the coarse stage."""
+        return grid_at(self.cfg, it)
 
     def levels_at(self, it: int) -> int:
         """Hash-grid levels the SDF network uses at iteration `it`."""

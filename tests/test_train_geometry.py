@@ -25,7 +25,7 @@ from config import Config, build_config
 from geometry.marching_tets import SurfaceCapacity
 from geometry.sdf_init import LOOSE_FIT_MSE
 from phases import build_phase
-from phases.geometry import coarse_levels_vanishing_hint, empty_start_hint, sdf_levels_at
+from phases.geometry import coarse_levels_vanishing_hint, empty_start_hint, grid_at, sdf_levels_at
 from scripts import evaluate as ev
 from scripts.make_reference_meshes import mug_mesh
 from tests.run_helpers import check_resume_matches_straight_run, read_log, run_train, write_config
@@ -206,6 +206,17 @@ def test_sdf_levels_schedule() -> None:
     assert [sdf_levels_at(Config(coarse_iter=100, sdf_levels_coarse=4), it, 16) for it in (100, 101)] == [4, 16]
     assert sdf_levels_at(Config(coarse_iter=100, sdf_levels_coarse=None), 1, 16) == 16   # null: published, all levels
     assert [sdf_levels_at(Config(coarse_iter=100), it, 16) for it in (1, 101)] == [5, 16]   # the default
+
+
+def test_tet_grid_schedule() -> None:
+    """The default caps the coarse stage at grid 128: a grid-256 config forms its surface at 128
+    (where a bowl's cavity stays clean) and refines at 256; grid 128 and coarser never switch."""
+    its = (1, 100, 101, 500)
+    assert [grid_at(Config(coarse_iter=100, dmtet_grid=256), it) for it in its] == [128, 128, 256, 256]
+    assert [grid_at(Config(coarse_iter=100, dmtet_grid=g), it) for g in (128, 64) for it in its] == [128] * 4 + [64] * 4
+    assert [grid_at(Config(coarse_iter=100, dmtet_grid=128, dmtet_grid_coarse=64), it) for it in its] == \
+        [64, 64, 128, 128]
+    assert [grid_at(Config(coarse_iter=100, dmtet_grid=256, dmtet_grid_coarse=None), it) for it in its] == [256] * 4
 
 
 # ------------------------------------------------------------------------------------------------
