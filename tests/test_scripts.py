@@ -56,15 +56,56 @@ def test_unwrap_pieces_reports_both_ways(tmp_path: Path) -> None:
     assert all(r["faces"] == 320 and r["charts"] >= 1 and 0 < r["uv_area_fraction"] <= 1 for r in rows), rows
 
 
-def test_full_scale_quality_builds_references_and_rejects_an_unknown_job(tmp_path: Path) -> None:
-    refs = tmp_path / "refs"
-    env = {**os.environ, "REFS": str(refs), "RUNS": str(tmp_path / "runs")}
-    proc = subprocess.run(["bash", "scripts/dev/full_scale_quality.sh", str(tmp_path / "out"), "bogus"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and "unknown job bogus" in proc.stderr, proc.stderr
-    manifest = json.loads((refs / "manifest.json").read_text())
-    assert {"mug", "cup", "bowl", "thin_parts", "torus", "textured"} <= set(manifest), manifest
-    assert all((refs / f"{name}.obj").is_file() for name in ("mug", "cup", "bowl", "thin_parts", "torus"))
+# Stands in for train.py in full_scale_quality.sh: records its arguments, "recovers" the target
+# exactly (its mesh is the target's), and fails for seed 13, as a crashed run would.
+FAKE_TRAIN = """
+import json, shutil, sys
+from pathlib import Path
+kv = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+run = Path(kv["out_dir"])
+(run / "dmtet_mesh").mkdir(parents=True)
+(run / "argv.json").write_text(json.dumps(sys.argv[1:]))
+if kv.get("seed") == "13":
+    sys.exit("run crashed")
+shutil.copy(kv["target_mesh"], run / "dmtet_mesh" / "mesh.obj")
+(run / "log.jsonl").write_text("".join(json.dumps({"it": i, "stage": "geometry_coarse", "ms": 10.0 + i}) + "\\n"
+                                       for i in (1, 2, 3)))
+"""
+
+
+def test_full_scale_quality_rejects_an_unknown_job_before_running_any(tmp_path: Path) -> None:
+    env = {**os.environ, "REFS": str(tmp_path / "refs"), "RUNS": str(tmp_path / "runs")}
+    proc = subprocess.run(["bash", "scripts/dev/full_scale_quality.sh", str(tmp_path / "out"), "grid128_bowl_e8@7",
+                           "grid128_teapot"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "unknown job grid128_teapot" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())              # nothing built, nothing run, no output folder
+
+
+def test_full_scale_quality_runs_jobs_in_parallel_with_seeds_and_grids(tmp_path: Path) -> None:
+    """Three jobs two at a time through a stand-in for train.py: seeds, emulated GPUs and a custom-mesh
+    job's grid reach the command line; each finished job's summary holds its eval against the right
+    reference; the crashed one is named and makes the exit status 1 without stopping the others."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    refs, runs, out = tmp_path / "refs", tmp_path / "runs", tmp_path / "out"
+    env = {**os.environ, "REFS": str(refs), "RUNS": str(runs), "PARALLEL": "2", "LAUNCH": f"{sys.executable} {fake}",
+           "EVAL_ARGS": "--images none --samples 4000 --iou-resolution 48"}   # a fraction of the default cost
+    jobs = ["grid256_bowl_e8@7", "custom256_torus@3", "grid128_torus@13"]
+    proc = subprocess.run(["bash", "scripts/dev/full_scale_quality.sh", str(out), *jobs], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1 and "grid128_torus@13 failed" in proc.stderr, proc.stderr
+    argv = {j: json.loads((runs / j / "argv.json").read_text()) for j in jobs}
+    assert {"--config", "configs/car_geometry.json", "dmtet_grid=256", "seed=7", "emulate_gpus=8",
+            f"target_mesh={refs}/bowl.obj", "guidance=target_mesh"} <= set(argv[jobs[0]])
+    assert {"configs/user_mesh_geometry.json", f"base_mesh={refs}/coarse/torus.obj", "dmtet_grid=256",
+            "seed=3"} <= set(argv[jobs[1]])
+    assert not any(a.startswith("emulate_gpus") for a in argv[jobs[1]])
+    assert sorted(p.name for p in out.iterdir()) == [f"eval_{j}.json" for j in sorted(jobs[:2])]
+    for job, ref in zip(jobs[:2], ("bowl", "torus")):
+        summary = json.loads((out / f"eval_{job}.json").read_text())
+        assert summary["eval"]["reference"] == f"{refs}/{ref}.obj" and summary["eval"]["iou"] > 0.999
+        assert summary["iterations"] == 3 and summary["median_ms"] == {"geometry_coarse": 12.0}
+        assert "seed=" in summary["command"]
 
 
 @pytest.mark.parametrize("script", ["scripts/dev/full_scale_quality.sh", "scripts/dev/readme_figures.sh",
