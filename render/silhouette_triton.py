@@ -39,6 +39,14 @@ def _front(front_ptr, row, mask):
 
 
 @triton.jit
+def _xy(sxy_ptr, row, mask, fx, fy):
+    """Screen position of vertex `row` relative to the walk's origin (fx, fy)."""
+    x = tl.load(sxy_ptr + row * 2, mask=mask, other=0.0)
+    y = tl.load(sxy_ptr + row * 2 + 1, mask=mask, other=0.0)
+    return x - fx, y - fy
+
+
+@triton.jit
 def _pick(e, a0, a1, a2):
     return tl.where(e == 0, a0, tl.where(e == 1, a1, a2))
 
@@ -95,18 +103,12 @@ def _walk_kernel(rast_ptr, sxy_ptr, front_ptr, tri_ptr, nbr_ptr, nedge_ptr, out_
         q0, q1, q2 = vbase + o0, vbase + o1, vbase + o2
         ok = (_front(front_ptr, r0, active) & _front(front_ptr, r1, active) & _front(front_ptr, r2, active)
               & _front(front_ptr, q0, active) & _front(front_ptr, q1, active) & _front(front_ptr, q2, active))
-        x0 = tl.load(sxy_ptr + r0 * 2, mask=active, other=0.0) - fx
-        y0 = tl.load(sxy_ptr + r0 * 2 + 1, mask=active, other=0.0) - fy
-        x1 = tl.load(sxy_ptr + r1 * 2, mask=active, other=0.0) - fx
-        y1 = tl.load(sxy_ptr + r1 * 2 + 1, mask=active, other=0.0) - fy
-        x2 = tl.load(sxy_ptr + r2 * 2, mask=active, other=0.0) - fx
-        y2 = tl.load(sxy_ptr + r2 * 2 + 1, mask=active, other=0.0) - fy
-        ox0 = tl.load(sxy_ptr + q0 * 2, mask=active, other=0.0) - fx
-        oy0 = tl.load(sxy_ptr + q0 * 2 + 1, mask=active, other=0.0) - fy
-        ox1 = tl.load(sxy_ptr + q1 * 2, mask=active, other=0.0) - fx
-        oy1 = tl.load(sxy_ptr + q1 * 2 + 1, mask=active, other=0.0) - fy
-        ox2 = tl.load(sxy_ptr + q2 * 2, mask=active, other=0.0) - fx
-        oy2 = tl.load(sxy_ptr + q2 * 2 + 1, mask=active, other=0.0) - fy
+        x0, y0 = _xy(sxy_ptr, r0, active, fx, fy)
+        x1, y1 = _xy(sxy_ptr, r1, active, fx, fy)
+        x2, y2 = _xy(sxy_ptr, r2, active, fx, fy)
+        ox0, oy0 = _xy(sxy_ptr, q0, active, fx, fy)
+        ox1, oy1 = _xy(sxy_ptr, q1, active, fx, fy)
+        ox2, oy2 = _xy(sxy_ptr, q2, active, fx, fy)
         bb = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
         sil0 = _same_sign((x1 - ox0) * (y2 - oy0) - (x2 - ox0) * (y1 - oy0), bb)
         sil1 = _same_sign((x2 - ox1) * (y0 - oy1) - (x0 - ox1) * (y2 - oy1), bb)
