@@ -138,12 +138,15 @@ def test_compile_check_reports_every_stage_on_cpu(tmp_path: Path, tiny_sd_path: 
     """aot_eager: the script's measurement and parity plumbing without inductor's minutes of C++ compiling."""
     proc = run_script("scripts/dev/compile_check.py", "--device", "cpu", "--sd-model", str(tiny_sd_path),
                       "--resolution", "64", "--batch", "2", "--backend", "aot_eager", "--iters", "1", "--warmup", "0",
-                      "--draws", "2", "--out-dir", str(tmp_path))
+                      "--draws", "2", "--profile", "3", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "compile_check.json").read_text())
     assert list(result["stages"]) == ["coarse", "fine", "appearance"]
     for row in result["stages"].values():
         assert row["eager_ms"] > 0 and row["compiled_ms"] > 0 and row["parity"]["cos_min"] > 0.999999, row
+        eager = row["profile"]["eager"]     # the largest operators, largest first; convolutions among them
+        assert len(eager["top"]) == 3 and eager["top"][0]["ms"] >= eager["top"][-1]["ms"] > 0, eager
+        assert eager["by_kind"].get("conv/gemm", 0) > 0, eager
     assert result["stages"]["coarse"]["compile_s"] > 0 and result["stages"]["fine"]["compile_s"] > 0   # UNet, VAE
     assert proc.stdout.splitlines()[-1].startswith("appearance ")      # the table comes last
 

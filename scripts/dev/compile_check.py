@@ -22,8 +22,14 @@ Use random weights without --zero-output: a zero-output UNet predicts exactly 0 
 gradient would check the VAE only (the time is the same as the real weights'). --inductor KEY=VALUE
 (repeatable) passes an inductor setting to both compiles, --inductor-vae / --inductor-unet to one,
 e.g. --inductor-vae force_layout_optimization=1 (the VAE's graph in channels-last) or
---inductor-vae max_autotune=1. `--device cpu --sd-model TINY --resolution 64 --batch 2 --backend
-aot_eager` is the smoke test (capture and autograd without code generation: seconds).
+--inductor-vae max_autotune=1. --profile K adds, per stage and way, the K kernels with the most
+device time per call and that time summed by kind (convolution and matmul libraries, Triton, the
+rest): where a stage's time goes, and what a fusion could still save (on CPU: operators' self time).
+--cudnn-benchmark lets cuDNN time its algorithms for each convolution shape (PyTorch's default picks
+them by heuristics) for every way in this process. cuDNN keeps one plan per shape whichever way
+chose it, so the comparison is two processes: one with the flag, one without.
+`--device cpu --sd-model TINY --resolution 64 --batch 2 --backend aot_eager` is the smoke test
+(capture and autograd without code generation: seconds).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import sd  # noqa: E402
 from scripts.bench import diffusion_calls, timed  # noqa: E402
@@ -127,6 +134,39 @@ def parity(guidance: sd.StableDiffusionGuidance, eager: Runners, compiled: Runne
             "rel_l2_median": round(statistics.median(errors), 6), "rel_l2_max": round(max(errors), 6)}
 
 
+# Kernel-name fragments -> kind, for --profile's sums (first match wins; cuDNN and cuBLAS kernels carry
+# these in their names on Hopper: sm90_xmma, cutlass, implicit_gemm, ...).
+KERNEL_KINDS = (("triton", "triton"), ("conv", "conv/gemm"), ("gemm", "conv/gemm"), ("xmma", "conv/gemm"),
+                ("cutlass", "conv/gemm"), ("cudnn", "conv/gemm"), ("flash", "attention"), ("fmha", "attention"))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for frag, kind in KERNEL_KINDS if frag in low), "other")
+
+
+def kernel_profile(call: Callable[[], None], device: torch.device, calls: int, top: int) -> dict[str, Any]:
+    """Device ms per call of `call`'s kernels over `calls` calls: the `top` largest and the sums by kind."""
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    call()
+    sync(device)
+    with profile(activities=[activity]) as prof:
+        for _ in range(calls):
+            call()
+        sync(device)
+    rows = []
+    for evt in prof.key_averages():
+        us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+        if us > 0 and (device.type != "cuda" or evt.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append({"kernel": evt.key[:120], "kind": kernel_kind(evt.key), "ms": round(us / 1e3 / calls, 3),
+                         "count": round(evt.count / calls, 2)})
+    rows.sort(key=lambda r: -r["ms"])
+    kinds: dict[str, float] = {}
+    for r in rows:
+        kinds[r["kind"]] = round(kinds.get(r["kind"], 0.0) + r["ms"], 3)
+    return {"calls": calls, "total_ms": round(sum(r["ms"] for r in rows), 3), "by_kind": kinds, "top": rows[:top]}
+
+
 def measure_stage(guidance: sd.StableDiffusionGuidance, ways: dict[str, Runners], name: str, batch: int,
                   args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": batch}
@@ -154,6 +194,12 @@ def measure_stage(guidance: sd.StableDiffusionGuidance, ways: dict[str, Runners]
     if "graphed_ms" in row:
         row["ratio_to_graphed"] = round(row["compiled_ms"] / row["graphed_ms"], 3)
     row["parity"] = parity(guidance, ways["eager"], ways["compiled"], name, batch, args.draws, device)
+    if args.profile:
+        row["profile"] = {}
+        for way, runners in ways.items():
+            with using(guidance, runners):
+                row["profile"][way] = kernel_profile(diffusion_calls(guidance, name, batch, device), device,
+                                                     args.iters, args.profile)
     return row
 
 
@@ -163,6 +209,7 @@ def cached_rerun(args: argparse.Namespace, cache: Path, out_dir: Path) -> dict[s
            "--sd-model", args.sd_model, "--out-dir", str(out_dir), "--cache-dir", str(cache), "--device", args.device,
            "--resolution", str(args.resolution), "--backend", args.backend, "--stages", *args.stages,
            *(["--batch", str(args.batch)] if args.batch else []),
+           *(["--cudnn-benchmark"] if args.cudnn_benchmark else []),
            *[x for flag in ("inductor", "inductor_vae", "inductor_unet") for item in getattr(args, flag)
              for x in ("--" + flag.replace("_", "-"), item)]]
     start = time.perf_counter()
@@ -203,6 +250,17 @@ def table(stages: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def profile_lines(stages: dict[str, dict[str, Any]]) -> str:
+    """--profile's summary: per stage and way, kernel ms per call by kind and the 8 largest kernels."""
+    lines = []
+    for name, row in stages.items():
+        for way, prof in row.get("profile", {}).items():
+            kinds = ", ".join(f"{k} {v:.1f}" for k, v in prof["by_kind"].items())
+            lines.append(f"{name} {way}: kernels {prof['total_ms']:.1f} ms per call ({kinds})")
+            lines += [f"    {r['ms']:7.2f} ms x{r['count']:<5g} {r['kernel'][:90]}" for r in prof["top"][:8]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sd-model", required=True,
@@ -225,9 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default=None, help="inductor cache folder (default: a fresh one: a cold compile)")
     ap.add_argument("--no-cache-rerun", action="store_true", help="skip the second process with the cache warm")
     ap.add_argument("--compile-only", action="store_true", help="only the first calls (what the rerun measures)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark on for the whole process (compare with a run without)")
+    ap.add_argument("--profile", type=int, default=0, metavar="K",
+                    help="per stage and way: the K kernels with the most device time per call, and sums by kind")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="compile_check_cache_"))
@@ -252,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "sd_model": str(model), "resolution": args.resolution,
         "unet_zero_output": bool(conv_out.abs().max() == 0), "backend": args.backend,
+        "cudnn_benchmark": args.cudnn_benchmark,
         "inductor_options": {call: dict(options) for call, options in sd.COMPILE_OPTIONS.items()},
         "cache_dir": str(cache),
         "unet": "cuda_graph" if isinstance(guidance.unet_runner, sd.CudaGraphUNet) else "eager",
@@ -276,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             stages[name]["checks"] = checks(stages[name])
         out_file.write_text(json.dumps(result, indent=2) + "\n")
     if not args.compile_only:
+        if args.profile:
+            print(profile_lines(stages))
         print(table(stages))
     return 0
 
