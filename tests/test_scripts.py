@@ -151,6 +151,24 @@ def test_compile_check_reports_every_stage_on_cpu(tmp_path: Path, tiny_sd_path: 
     assert proc.stdout.splitlines()[-1].startswith("appearance ")      # the table comes last
 
 
+def test_froth_restoring_smoke_on_cpu(tmp_path: Path) -> None:
+    """A froth of single-cell blobs in a bowl's hollow raises every stage's loss, shrinking it lowers
+    the loss (finite difference), both silhouette methods' gradients push the blobs out, and on the
+    unpooled images the walk carries more of that push than nvdiffrast's pixel method."""
+    target, out = tmp_path / "bowl.obj", tmp_path / "froth.json"
+    bowl_mesh(resolution=48).export(target)
+    proc = run_script("scripts/dev/froth_restoring.py", str(target), "--grids", "64", "--res", "128", "--views", "2",
+                      "--froth", "0.2", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = json.loads(out.read_text())["grids"]
+    assert row["froth_vertices"] > 20, row
+    for name, st in row["stages"].items():
+        assert st["excess_loss"] > 0 and st["fd_restoring"] < 0, (name, st)
+        assert st["pixel"]["analytic_restoring"] < 0 and st["walk"]["analytic_restoring"] < 0, (name, st)
+    pixels = row["stages"]["pixels"]
+    assert pixels["pixel"]["captured"] < pixels["walk"]["captured"], pixels
+
+
 def test_silhouette_check_smoke_on_cpu(tmp_path: Path) -> None:
     """Small icospheres and a grid-32 DMTet surface: the walk's gradient accounts for the silhouette's
     motion, nvdiffrast's method for at most about half of it; both are timed."""
