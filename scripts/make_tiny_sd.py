@@ -143,7 +143,8 @@ SD21_BASE = {"vae_blocks": (128, 256, 512, 512), "vae_layers": 2, "vae_groups": 
              "text_heads": 16, "text_proj": 512}
 
 
-def _vae(arch: dict):
+def vae_model(arch: dict) -> AutoencoderKL:
+    """The VAE of `arch` (TINY or SD21_BASE), weights from the fixed seed."""
     torch.manual_seed(SEED)
     return AutoencoderKL(
         in_channels=3, out_channels=3,
@@ -156,7 +157,8 @@ def _vae(arch: dict):
     )
 
 
-def _unet(arch: dict):
+def unet_model(arch: dict) -> UNet2DConditionModel:
+    """The UNet of `arch` (TINY or SD21_BASE), weights from the fixed seed."""
     torch.manual_seed(SEED)
     return UNet2DConditionModel(
         sample_size=64, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
@@ -218,8 +220,8 @@ def build_tiny_sd(out_dir: str | Path, full_size: bool = False, zero_output: boo
     # Full size is stored in fp16 (as the real weights are used on GPU): half the disk and time.
     dtype = torch.float16 if full_size else torch.float32
     _text_encoder(vocab_size, vocab, arch).to(dtype).save_pretrained(out / "text_encoder")
-    _vae(arch).to(dtype).save_pretrained(out / "vae")
-    unet = _unet(arch)
+    vae_model(arch).to(dtype).save_pretrained(out / "vae")
+    unet = unet_model(arch)
     if zero_output:
         with torch.no_grad():
             unet.conv_out.weight.zero_()

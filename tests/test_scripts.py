@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from torch.utils.flop_counter import FlopCounterMode
 
 from geometry.hashgrid import grid_index
 from geometry.sdf_init import mesh_signed_distance
 from render.light import read_hdr
 from scripts.dev.cavity_probe import adam_update, lattice_points, region_of
+from scripts.dev.compile_check import stage_tflop
 from scripts.make_reference_meshes import bowl_mesh
+from scripts.make_tiny_sd import SD21_BASE, vae_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +141,7 @@ def test_compile_check_reports_every_stage_on_cpu(tmp_path: Path, tiny_sd_path: 
     """aot_eager: the script's measurement and parity plumbing without inductor's minutes of C++ compiling."""
     proc = run_script("scripts/dev/compile_check.py", "--device", "cpu", "--sd-model", str(tiny_sd_path),
                       "--resolution", "64", "--batch", "2", "--backend", "aot_eager", "--iters", "1", "--warmup", "0",
-                      "--draws", "2", "--profile", "3", "--out-dir", str(tmp_path))
+                      "--draws", "2", "--profile", "3", "--flops", "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads((tmp_path / "compile_check.json").read_text())
     assert list(result["stages"]) == ["coarse", "fine", "appearance"]
@@ -147,8 +150,26 @@ def test_compile_check_reports_every_stage_on_cpu(tmp_path: Path, tiny_sd_path: 
         eager = row["profile"]["eager"]     # the largest operators, largest first; convolutions among them
         assert len(eager["top"]) == 3 and eager["top"][0]["ms"] >= eager["top"][-1]["ms"] > 0, eager
         assert eager["by_kind"].get("conv/gemm", 0) > 0, eager
+        assert row["compiled_tflop_per_s"] > 0, row
+    stages = result["stages"]
+    assert stages["fine"]["tflop"] > stages["coarse"]["tflop"] > 0, stages     # fine adds the VAE encoder
     assert result["stages"]["coarse"]["compile_s"] > 0 and result["stages"]["fine"]["compile_s"] > 0   # UNet, VAE
     assert proc.stdout.splitlines()[-1].startswith("appearance ")      # the table comes last
+
+
+def test_stage_flop_count_has_no_weight_gradients() -> None:
+    """The fine stage's count is the CFG UNet plus the VAE encoder's forward and its backward to the
+    image only: with frozen weights that backward costs what the forward does, so the VAE's share is
+    twice its forward, and appearance's UNet and VAE scale with its batch."""
+    coarse, fine, appearance = (stage_tflop(n, b, 512) for n, b in (("coarse", 4), ("fine", 4), ("appearance", 3)))
+    with torch.device("meta"):
+        vae = vae_model(SD21_BASE).half()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        vae.encode(torch.zeros(4, 3, 512, 512, device="meta", dtype=torch.half))
+    vae_fwd = counter.get_total_flops() / 1e12
+    assert (fine - coarse) / vae_fwd == pytest.approx(2.0, rel=0.02), (fine, coarse, vae_fwd)
+    assert appearance / fine == pytest.approx(0.75, rel=1e-6), (appearance, fine)
 
 
 def test_froth_restoring_smoke_on_cpu(tmp_path: Path) -> None:

@@ -29,7 +29,9 @@ rest): where a stage's time goes, and what a fusion could still save (on CPU: op
 them by heuristics) for every way in this process. cuDNN keeps one plan per shape whichever way
 chose it, so the comparison is two processes: one with the flag, one without.
 `--device cpu --sd-model TINY --resolution 64 --batch 2 --backend aot_eager` is the smoke test
-(capture and autograd without code generation: seconds).
+(capture and autograd without code generation: seconds). --flops adds each way's arithmetic rate:
+the SD 2.1-base architecture's FLOP count of the stage's calls (torch.utils.flop_counter on meta
+tensors) over its time, so it means something with the full-size model only.
 """
 from __future__ import annotations
 
@@ -50,10 +52,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import sd  # noqa: E402
 from scripts.bench import diffusion_calls, timed  # noqa: E402
-from scripts.make_tiny_sd import build_tiny_sd  # noqa: E402
+from scripts.make_tiny_sd import SD21_BASE, build_tiny_sd, unet_model, vae_model  # noqa: E402
 
 # stage -> (sd.py's stage name, batch of the shipped configs)
 STAGES = {"coarse": ("geometry_coarse", 4), "fine": ("geometry_fine", 4), "appearance": ("appearance", 3)}
@@ -167,6 +170,27 @@ def kernel_profile(call: Callable[[], None], device: torch.device, calls: int, t
     return {"calls": calls, "total_ms": round(sum(r["ms"] for r in rows), 3), "by_kind": kinds, "top": rows[:top]}
 
 
+def stage_tflop(name: str, batch: int, resolution: int) -> float:
+    """TFLOP of one step's diffusion calls of stage `name` with the SD 2.1-base architecture, counted
+    on meta tensors (no weights, no device): the UNet's classifier-free-guidance forward on 2B rows,
+    and for fine and appearance the VAE encoder's forward and its backward to the image (the frozen
+    weights get no gradient)."""
+    with torch.device("meta"):
+        unet, vae = unet_model(SD21_BASE).half(), vae_model(SD21_BASE).half()
+    for p in [*unet.parameters(), *vae.parameters()]:
+        p.requires_grad_(False)
+    side = resolution // 8
+    emb = torch.zeros(2 * batch, 77, SD21_BASE["text_width"], device="meta", dtype=torch.half)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        unet(torch.zeros(2 * batch, 4, side, side, device="meta", dtype=torch.half),
+             torch.zeros(2 * batch, device="meta"), encoder_hidden_states=emb)
+        if name != "coarse":
+            img = torch.zeros(batch, 3, resolution, resolution, device="meta", dtype=torch.half, requires_grad=True)
+            vae.encode(img).latent_dist.parameters.sum().backward()
+    return counter.get_total_flops() / 1e12
+
+
 def measure_stage(guidance: sd.StableDiffusionGuidance, ways: dict[str, Runners], name: str, batch: int,
                   args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     row: dict[str, Any] = {"batch": batch}
@@ -190,6 +214,10 @@ def measure_stage(guidance: sd.StableDiffusionGuidance, ways: dict[str, Runners]
             row[f"{way}_ms"] = round(statistics.median(ms), 3)
             if device.type == "cuda":
                 row[f"{way}_peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    if args.flops:   # arithmetic rate each way reaches (the architecture's count, whatever --sd-model is)
+        row["tflop"] = round(stage_tflop(name, batch, args.resolution), 3)
+        for way in ways:
+            row[f"{way}_tflop_per_s"] = round(row["tflop"] / (row[f"{way}_ms"] / 1e3), 1)
     row["ratio"] = round(row["compiled_ms"] / row["eager_ms"], 3)
     if "graphed_ms" in row:
         row["ratio_to_graphed"] = round(row["compiled_ms"] / row["graphed_ms"], 3)
@@ -285,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="only the first calls (what the rerun measures)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark on for the whole process (compare with a run without)")
+    ap.add_argument("--flops", action="store_true",
+                    help="also each way's TFLOP/s: the full-size architecture's FLOP count over its ms")
     ap.add_argument("--profile", type=int, default=0, metavar="K",
                     help="per stage and way: the K kernels with the most device time per call, and sums by kind")
     args = ap.parse_args(argv)
