@@ -26,6 +26,8 @@ from geometry.sdf_net import SDFNetwork
 from geometry.tet_grid import TetTopology, check_grid_res, kuhn_cube_tets, tet_grid, tet_topology
 from render.util import gather_rows
 
+# Buffers of the tet grid that checkpoints written by earlier versions hold (now rebuilt from grid_res).
+GRID_BUFFERS = ("grid_verts", "tets", "edges")
 
 # ----------------------------------------------------------------------------------------------
 # Sealed air
@@ -124,11 +126,12 @@ class DMTetGeometry(SurfaceGeometry):
     def _register_grid(self, grid_res: int, device: torch.device) -> None:
         verts, tets = tet_grid(grid_res, self.cache_dir)
         self.grid_res = grid_res
-        self.register_buffer("grid_verts", torch.from_numpy(verts).to(device) * self.mesh_scale)
-        self.register_buffer("tets", torch.from_numpy(tets).to(device))
+        # The grid follows from grid_res (in training_state), so checkpoints leave it out: at grid
+        # 256 it would be 650 of a checkpoint's 800 MB, written at every save_interval.
+        self.register_buffer("grid_verts", torch.from_numpy(verts).to(device) * self.mesh_scale, persistent=False)
+        self.register_buffer("tets", torch.from_numpy(tets).to(device), persistent=False)
         topo = tet_topology(self.tets)
-        self.register_buffer("edges", topo.edges)
-        # Static per-tet edge ids for marching_tets; derived from `tets`, so not in the state dict.
+        self.register_buffer("edges", topo.edges, persistent=False)
         self.register_buffer("tet_edge_ids", topo.tet_edges, persistent=False)
 
     # ---- setup per iteration -----------------------------------------------------------------
@@ -293,7 +296,9 @@ class DMTetGeometry(SurfaceGeometry):
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.set_grid(state.get("grid_res", self.grid_res))   # the grid the buffers were saved on
-        self.load_state_dict(state["geometry"])
+        # Checkpoints written before the grid was left out of them carry it: rebuilt above instead.
+        saved = {k: v for k, v in state["geometry"].items() if k not in GRID_BUFFERS}
+        self.load_state_dict(saved)
         self.sdf_net.set_active_levels(state.get("sdf_levels", self.sdf_net.n_levels))
         cap = state.get("surface_capacity")          # absent in checkpoints written before it existed
         self.planner.capacity = None if cap is None else SurfaceCapacity(*cap)

@@ -322,13 +322,36 @@ def test_marching_tets_topology_gradcheck() -> None:
 
 def test_dmtet_geometry_uses_topology_and_keeps_state_dict() -> None:
     geo = DMTetGeometry(16, 2.0, SMALL_GRID, backend="torch")
-    assert "tet_edge_ids" not in geo.state_dict() and "edges" in geo.state_dict()
+    assert not {"tet_edge_ids", "edges", "tets", "grid_verts"} & set(geo.state_dict())   # rebuilt from grid_res
     assert torch.equal(geo.edges, tet_edges(geo.tets))
     sdf_target = geo.grid_verts.norm(dim=1) - 0.5
     geo.sdf_and_deform = lambda: (sdf_target, torch.zeros_like(geo.grid_verts))  # type: ignore
     verts, faces = geo.extract()
     ref_v, ref_f = marching_tets(geo.grid_verts, sdf_target, geo.tets)
     assert torch.equal(verts, ref_v) and torch.equal(faces, ref_f)
+
+
+def test_checkpoint_state_leaves_the_grid_out_and_older_checkpoints_still_load() -> None:
+    """training_state is the network and grid_res, the same size on every grid (at grid 256 the grid
+    was 650 of a checkpoint's 800 MB); a state written with the grid in it (earlier versions) loads
+    onto a geometry on another grid and gives the same SDF on the saved grid."""
+    geo = DMTetGeometry(16, 2.0, SMALL_GRID, backend="torch")
+    with torch.no_grad():
+        for p in geo.parameters():
+            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    state = geo.training_state()
+    geo.set_grid(32)
+    finer = geo.training_state()
+    assert finer["grid_res"] == 32 and {k: v.shape for k, v in finer["geometry"].items()} == \
+        {k: v.shape for k, v in state["geometry"].items()}
+    geo.set_grid(16)
+    sdf, _ = geo.sdf_and_deform()
+    old = dict(state, geometry={**state["geometry"], "grid_verts": geo.grid_verts, "tets": geo.tets,
+                                "edges": geo.edges})
+    other = DMTetGeometry(32, 2.0, SMALL_GRID, backend="torch")
+    other.load_training_state(old)
+    assert other.grid_res == 16 and torch.equal(other.tets, geo.tets)
+    assert torch.equal(other.sdf_and_deform()[0], sdf)
 
 
 # ----------------------------------------------------------------------------------------------

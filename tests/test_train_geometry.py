@@ -133,9 +133,10 @@ def test_resume_at_each_kind_of_checkpoint_is_bit_for_bit(tmp_path: Path, tiny_s
                 "sealed_air_vertices"):
         assert [r[key] for r in log_a] == [r[key] for r in log_b], key
 
-    # The grids: saved on the coarse grid at 4, ended on the fine one: (24 / 16)^3 = 3.4x the tets.
+    # The grids: saved on the coarse grid at 4, ended on the fine one; the grid itself is rebuilt
+    # from grid_res on load, so both checkpoints hold the same tensors.
     assert saved[4]["phase"]["grid_res"] == 16 and saved[6]["phase"]["grid_res"] == 24 == b["phase"]["grid_res"]
-    assert b["phase"]["geometry"]["tets"].shape[0] > 3 * saved[4]["phase"]["geometry"]["tets"].shape[0]
+    assert set(b["phase"]["geometry"]) == set(saved[4]["phase"]["geometry"]) and "tets" not in b["phase"]["geometry"]
     coarse = np.mean([r["faces"] for r in log_a[:4]])
     fine = np.mean([r["faces"] for r in log_a[4:]])
     assert fine > 1.5 * coarse          # the same surface on a 1.5x finer grid: ~2.25x the faces

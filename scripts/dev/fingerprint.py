@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from geometry.dmtet import GRID_BUFFERS  # noqa: E402
+
 SHORT = ["iter=20", "coarse_iter=10", "save_interval=20", "sdf_init_iter=200", "video_frames=0", "tensorboard=off",
          "validate=false"]
 # (name, config, extra overrides); {geometry} is the first run's exported mesh, {textured} the second's.
@@ -49,6 +52,9 @@ def tensor_digest(obj: object, h: "hashlib._Hash") -> None:
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
     state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    geometry = state["phase"].get("geometry")
+    if isinstance(geometry, dict):   # older checkpoints also hold the tet grid, which follows from grid_res
+        state["phase"]["geometry"] = {k: v for k, v in geometry.items() if k not in GRID_BUFFERS}
     parts = {}
     for name, value in (("phase", state["phase"]), ("optimizer", state["optimizer"]["state"])):
         h = hashlib.sha256()
