@@ -36,10 +36,12 @@ from phases.base import encoder_options  # noqa: E402
 REGIONS = ("solid", "cavity", "open")
 
 
-def region_of(points_nx3: np.ndarray, verts: np.ndarray, faces: np.ndarray, cell: float) -> np.ndarray:
+def region_of(points_nx3: np.ndarray, verts: np.ndarray, faces: np.ndarray, cell: float,
+              signed_n: np.ndarray | None = None) -> np.ndarray:
     """[N] int8: 0 solid (inside the target by more than `cell`), 1 cavity (outside, inside the
-    convex hull), 2 open (outside the hull); -1 within a cell of the target's surface."""
-    s = mesh_signed_distance(points_nx3, verts, faces)
+    convex hull), 2 open (outside the hull); -1 within a cell of the target's surface. `signed_n`:
+    the points' signed distance to the target, when the caller has it."""
+    s = mesh_signed_distance(points_nx3, verts, faces) if signed_n is None else signed_n
     hull = trimesh.Trimesh(verts, faces, process=False).convex_hull
     in_hull = igl.fast_winding_number(np.asarray(hull.vertices, np.float64), np.asarray(hull.faces, np.int64),
                                       np.ascontiguousarray(points_nx3, np.float64)) > 0.5

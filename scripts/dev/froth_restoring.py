@@ -7,10 +7,10 @@ grid and silhouette-gradient method: what decides whether froth, once seeded, gr
 The SDF at the grid's vertices is the target's signed distance, clamped to two cells outside (the
 surface is the target's; far from it the field is near zero, as a trained one in an unseen hollow).
 Froth: a share of the hollow's vertices (outside the target, inside its convex hull) made solid at
--2 cells (--blob-depth), so each is a blob about one cell across. For each stage's input, as the car config renders
-it (coarse: the 64^2 normal + mask latent; fine: 8x8 pooled 512^2 normal images, as target-mesh
-guidance encodes them; pixels: the fine stage's images unpooled, for contrast), over the same
-training cameras:
+-2 cells (--blob-depth), so each is a blob about one cell across. For each stage's input as the
+car config renders it (coarse: the 64^2 normal + mask latent; fine: 8x8 pooled 512^2 normal images,
+as target-mesh guidance encodes them; pixels: the fine stage's images unpooled, for contrast), over
+the same training cameras:
 
 - `excess_loss`: L(froth) - L(clean), L = 0.5 |z - z*|^2 / views against the target's render z*
   (the SDS gradient of target-mesh guidance is this loss's, scaled per time step);
@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ import torch
 import trimesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from config import load_config  # noqa: E402
-from dataset.cameras import azimuth_sector, sample_train_cameras  # noqa: E402
+from config import Config, load_config  # noqa: E402
+from dataset.cameras import CameraBatch, azimuth_sector, sample_train_cameras  # noqa: E402
 from geometry.marching_tets import marching_tets  # noqa: E402
 from geometry.sdf_init import mesh_signed_distance  # noqa: E402
 from geometry.tet_grid import tet_grid  # noqa: E402
@@ -61,61 +62,76 @@ def stage_inputs(cfg) -> dict[str, tuple[StageInput, bool]]:
             for name, (kind, pool) in STAGES.items()}
 
 
-def latents(render: NormalStageRenderer, verts: torch.Tensor, faces: torch.Tensor, cams,
+def latents(render: NormalStageRenderer, verts: torch.Tensor, faces: torch.Tensor, cams: CameraBatch,
             stage: tuple[StageInput, bool]) -> torch.Tensor:
     spec, pool = stage
     x = render(verts, faces, cams, spec)
     return pooled_latents(x) if pool else x
 
 
-def loss_of(sdf_v: torch.Tensor, grid_v: torch.Tensor, tets: torch.Tensor, render, cams, stage, target: torch.Tensor
-            ) -> torch.Tensor:
-    verts, faces = marching_tets(grid_v, sdf_v, tets)
-    z = latents(render, verts, faces, cams, stage)
-    return 0.5 * (z - target).pow(2).sum() / len(z)
+@dataclass
+class Scene:
+    """What every grid is measured against: the config, the cameras, a renderer per antialias
+    method and the target's render per stage."""
+    cfg: Config
+    cams: CameraBatch
+    renderers: dict[str, NormalStageRenderer]
+    targets: dict[str, torch.Tensor]
+
+    def loss(self, sdf_v: torch.Tensor, grid_v: torch.Tensor, tets: torch.Tensor, stage: str,
+             method: str = "pixel") -> torch.Tensor:
+        """0.5 |z - z*|^2 per view of the surface of `sdf_v` on the grid (grid_v [V, 3], tets [T, 4])."""
+        verts, faces = marching_tets(grid_v, sdf_v, tets)
+        z = latents(self.renderers[method], verts, faces, self.cams, stage_inputs(self.cfg)[stage])
+        return 0.5 * (z - self.targets[stage]).pow(2).sum() / len(z)
 
 
-def grid_case(args, grid: int, mesh: trimesh.Trimesh, cams, renders: dict) -> dict:
-    cfg = renders["cfg"]
+def grid_case(args: argparse.Namespace, grid: int, mesh: trimesh.Trimesh, scene: Scene) -> dict:
     verts_np, tets_np = tet_grid(grid)
-    grid_v = torch.from_numpy(verts_np) * cfg.mesh_scale                     # [V, 3] world
-    tets = torch.from_numpy(tets_np)
-    cell = cfg.mesh_scale / (grid // 2)
+    grid_v = torch.from_numpy(verts_np) * scene.cfg.mesh_scale                 # [V, 3] world
+    tets = torch.from_numpy(tets_np)                                            # [T, 4]
+    cell = scene.cfg.mesh_scale / (grid // 2)
     start = time.perf_counter()
-    region = region_of(grid_v.numpy(), mesh.vertices, mesh.faces, cell)
-    sdf = torch.from_numpy(mesh_signed_distance(grid_v.numpy(), mesh.vertices, mesh.faces).astype(np.float32))
-    sdf = sdf.clamp(max=FAR_FIELD * cell)
-    cavity = np.flatnonzero(region == CAVITY)
-    rng = np.random.default_rng(args.seed)
-    froth = torch.from_numpy(rng.choice(cavity, int(args.froth * len(cavity)), replace=False))
+    signed = mesh_signed_distance(grid_v.numpy(), mesh.vertices, mesh.faces)
+    cavity = np.flatnonzero(region_of(grid_v.numpy(), mesh.vertices, mesh.faces, cell, signed) == CAVITY)
+    sdf = torch.from_numpy(signed.astype(np.float32)).clamp(max=FAR_FIELD * cell)
+    froth = torch.from_numpy(np.random.default_rng(args.seed).choice(cavity, int(args.froth * len(cavity)),
+                                                                      replace=False))
     frothy = sdf.clone()
     frothy[froth] = -args.blob_depth * cell
     row = {"grid": grid, "cell": cell, "vertices": len(grid_v), "cavity_vertices": int(len(cavity)),
            "froth_vertices": int(len(froth)), "sdf_s": round(time.perf_counter() - start, 1), "stages": {}}
     raise_d = torch.zeros_like(sdf)
     raise_d[froth] = cell                                                      # shrink every blob
-    for name, stage in stage_inputs(cfg).items():
-        target = renders["target"][name]
+    h = args.fd_step
+    for name in STAGES:
         with torch.no_grad():
-            clean = float(loss_of(sdf, grid_v, tets, renders["pixel"], cams, stage, target))
-            froth_l = float(loss_of(frothy, grid_v, tets, renders["pixel"], cams, stage, target))
-            h = args.fd_step
-            fd = (float(loss_of(frothy + h * raise_d, grid_v, tets, renders["pixel"], cams, stage, target))
-                  - float(loss_of(frothy - h * raise_d, grid_v, tets, renders["pixel"], cams, stage, target))) / (2 * h)
+            clean, froth_l, up, down = (float(scene.loss(x, grid_v, tets, name)) for x in
+                                        (sdf, frothy, frothy + h * raise_d, frothy - h * raise_d))
+        fd = (up - down) / (2 * h)
         st = {"loss_clean": clean, "loss_froth": froth_l, "excess_loss": froth_l - clean,
               "excess_per_froth_volume": (froth_l - clean) / (len(froth) * cell ** 3), "fd_restoring": fd}
         for method in args.antialias:
             x = frothy.clone().requires_grad_(True)
             t0 = time.perf_counter()
-            loss_of(x, grid_v, tets, renders[method], cams, stage, target).backward()
-            g = x.grad
-            analytic = float((g * raise_d).sum())
+            scene.loss(x, grid_v, tets, name, method).backward()
+            analytic = float((x.grad * raise_d).sum())
             st[method] = {"analytic_restoring": analytic, "captured": analytic / fd if fd else float("nan"),
-                          "froth_pushed_out": float((g[froth] < 0).float().mean()),
+                          "froth_pushed_out": float((x.grad[froth] < 0).float().mean()),
                           "backward_s": round(time.perf_counter() - t0, 1)}
         row["stages"][name] = st
         print(f"grid {grid} {name}: " + json.dumps(st), flush=True)
     return row
+
+
+def table(result: dict, methods: list[str]) -> str:
+    lines = [f"{'grid':>5} {'stage':<7} {'excess/vol':>11} {'fd':>10} " + " ".join(f"{m + ' captured':>16}"
+                                                                                   for m in methods)]
+    for row in result["grids"]:
+        for name, st in row["stages"].items():
+            lines.append(f"{row['grid']:>5} {name:<7} {st['excess_per_froth_volume']:>11.4g} "
+                         f"{st['fd_restoring']:>10.4g} " + " ".join(f"{st[m]['captured']:>16.3f}" for m in methods))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,33 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    cfg = load_config(args.config, [f"train_res=[{args.res},{args.res}]"])
+    res = f"train_res=[{args.res},{args.res}]"
+    cfg = load_config(args.config, [res])
     mesh = trimesh.load(args.target, force="mesh", process=False)
     device = torch.device("cpu")
     ctx = raster.make_context(device, "torch")
-    renders = {"cfg": cfg}
-    for method in args.antialias + ["pixel"]:
-        c = load_config(args.config, [f"train_res=[{args.res},{args.res}]", f"antialias={method}"])
-        renders[method] = NormalStageRenderer(c, ctx)
-    gen = torch.Generator().manual_seed(args.seed)
-    cams = sample_train_cameras(args.views, azimuth_sector(0, 1), camera_options(cfg), gen, device)
+    renderers = {m: NormalStageRenderer(load_config(args.config, [res, f"antialias={m}"]), ctx)
+                 for m in {*args.antialias, "pixel"}}
+    cams = sample_train_cameras(args.views, azimuth_sector(0, 1), camera_options(cfg),
+                                torch.Generator().manual_seed(args.seed), device)
     tv = torch.from_numpy(np.asarray(mesh.vertices, np.float32))
     tf = torch.from_numpy(np.asarray(mesh.faces, np.int64))
     with torch.no_grad():
-        renders["target"] = {n: latents(renders["pixel"], tv, tf, cams, s) for n, s in stage_inputs(cfg).items()}
+        targets = {n: latents(renderers["pixel"], tv, tf, cams, s) for n, s in stage_inputs(cfg).items()}
+    scene = Scene(cfg, cams, renderers, targets)
     result = {"target": args.target, "config": args.config, "views": args.views, "res": args.res,
               "froth": args.froth, "fd_step_cells": args.fd_step, "blob_depth_cells": args.blob_depth,
-              "far_field_cells": FAR_FIELD,
-              "grids": [grid_case(args, g, mesh, cams, renders) for g in args.grids]}
-    text = json.dumps(result, indent=2)
+              "far_field_cells": FAR_FIELD, "grids": [grid_case(args, g, mesh, scene) for g in args.grids]}
     if args.out:
-        Path(args.out).write_text(text + "\n")
-    lines = [f"{'grid':>5} {'stage':<7} {'excess/vol':>11} {'fd':>10} " + " ".join(f"{m + ' captured':>16}" for m in args.antialias)]
-    for row in result["grids"]:
-        for name, st in row["stages"].items():
-            lines.append(f"{row['grid']:>5} {name:<7} {st['excess_per_froth_volume']:>11.4g} {st['fd_restoring']:>10.4g} "
-                         + " ".join(f"{st[m]['captured']:>16.3f}" for m in args.antialias))
-    print("\n".join(lines))
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result, args.antialias))
     return 0
 
 
