@@ -23,7 +23,7 @@ from geometry.marching_tets import (CapacityPlanner, PaddedSurface, SurfaceCapac
 from geometry.registry import register
 from geometry.sdf_init import InitShape, pretrain_sdf
 from geometry.sdf_net import SDFNetwork
-from geometry.tet_grid import TetTopology, check_grid_res, kuhn_cube_tets, tet_grid, tet_topology
+from geometry.tet_grid import TetTopology, check_grid_res, kuhn_cube_tets, tet_cell, tet_grid, tet_topology
 from render.util import gather_rows
 
 # Buffers of the tet grid that checkpoints written by earlier versions hold (now rebuilt from grid_res).
@@ -262,7 +262,7 @@ class DMTetGeometry(SurfaceGeometry):
         if rows.numel() == 0:
             return SealedAirTerm(torch.zeros((), device=rows.device), 0)
         sdf_r = self.sdf_net(self.grid_verts[rows])[0]                          # [R], with gradients
-        return SealedAirTerm(sealed_air_loss(sdf_r, self.mesh_scale / (self.grid_res // 2)), rows.numel())
+        return SealedAirTerm(sealed_air_loss(sdf_r, tet_cell(self.grid_res, self.mesh_scale)), rows.numel())
 
     def sealed_air_rows(self, sdf_v: torch.Tensor | None = None) -> torch.Tensor:
         """[R] int64 ids of the grid vertices of sealed air (``sealed_air``) in the current SDF, or in

@@ -31,6 +31,7 @@ import trimesh
 import faults
 import progress
 from geometry.hashgrid import published_adamw
+from geometry.tet_grid import tet_cell
 from render.mesh import load_mesh, unit_size
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def check_shape_in_grid(shape: InitShape, mesh_scale: float, grid_res: int | Non
                       f"mesh_scale >= {2 * (half + overshoot):.2f} or a smaller scale",
                       SdfInitWarning, stacklevel=2)
     if grid_res is not None:
-        cell = mesh_scale / (grid_res / 2)
+        cell = tet_cell(grid_res, mesh_scale)
         if float((hi - lo).min()) < 2 * cell:
             warnings.warn(f"the init shape is thinner ({float((hi - lo).min()):.3f}) than two tet "
                           f"grid cells ({2 * cell:.3f}) on the tet grid {grid_res} ({settings}); "

@@ -71,6 +71,11 @@ def check_grid_res(res: int) -> None:
             f"(the grid has res/2 cells per axis); got {res!r}")
 
 
+def tet_cell(res: int, mesh_scale: float) -> float:
+    """Edge of one grid cube in world units: the grid spans mesh_scale with res/2 cells per axis."""
+    return mesh_scale / (res / 2)
+
+
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)

@@ -5,14 +5,14 @@ region against the target mesh.
 
 Each CHECKPOINT is a copy of RUN_DIR/checkpoints/last.pt taken while the run trained (e.g. hard
 links made as the run replaced it). Grid vertices are split by the target: `solid` (inside it by
-more than a cell), `cavity` (outside it, inside its convex hull: a bowl's or cup's hollow) and
-`open` (outside the hull). Per checkpoint and region it reports the share of vertices the model
-calls solid (`solid`), the share whose |SDF| is under one grid cell (`near0`: where a small change
-makes or removes surface), and the surface's faces there. For the dense hash-grid levels (whose
-table rows are lattice points, so they have a place) it reports AdamW's update per row in units of
-the learning rate (|m^| / (sqrt(v^) + eps), bias-corrected) and the gradient's RMS (sqrt(v^)), as
-medians per region: an unconstrained region whose rows still move at a sizeable fraction of the
-learning rate on a vanishing gradient is the optimizer, not the views, shaping it.
+more than half a grid cube), `cavity` (outside it, inside its convex hull: a bowl's or cup's hollow)
+and `open` (outside the hull). Per checkpoint and region it reports the share of vertices the model
+calls solid (`solid`), the share whose |SDF| is under half a grid cube (`near0`: where a small
+change makes or removes surface), and the surface's faces there. For the dense hash-grid levels
+(whose table rows are lattice points, so they have a place) it reports AdamW's update per row in
+units of the learning rate (|m^| / (sqrt(v^) + eps), bias-corrected) and the gradient's RMS
+(sqrt(v^)), as medians per region: an unconstrained region whose rows still move at a sizeable
+fraction of the learning rate on a vanishing gradient is the optimizer, not the views, shaping it.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from config import Config, build_config  # noqa: E402
 from geometry.base import make_geometry  # noqa: E402
 from geometry.hashgrid_layout import GridLayout  # noqa: E402
 from geometry.sdf_init import mesh_signed_distance  # noqa: E402
+from geometry.tet_grid import tet_cell  # noqa: E402
 from phases.base import encoder_options  # noqa: E402
 
 REGIONS = ("solid", "cavity", "open")
@@ -75,7 +76,8 @@ def probe(ckpt: dict, target: tuple[np.ndarray, np.ndarray], cache: dict) -> dic
     geo = make_geometry(cfg.geometry, grid_res=phase["grid_res"], mesh_scale=cfg.mesh_scale, backend="auto",
                         encoder_opts=encoder_options(cfg), device=device)
     geo.load_training_state(phase)
-    cell = cfg.mesh_scale / geo.grid_res
+    # Half a grid cube: the region margin and near-zero band the committed probe results used.
+    cell = tet_cell(geo.grid_res, cfg.mesh_scale) / 2
     key = ("grid", geo.grid_res)
     if key not in cache:
         cache[key] = torch.from_numpy(region_of(geo.grid_verts.cpu().numpy(), *target, cell)).to(device)

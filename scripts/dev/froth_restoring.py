@@ -38,7 +38,7 @@ from config import Config, load_config  # noqa: E402
 from dataset.cameras import CameraBatch, azimuth_sector, sample_train_cameras  # noqa: E402
 from geometry.marching_tets import marching_tets  # noqa: E402
 from geometry.sdf_init import mesh_signed_distance  # noqa: E402
-from geometry.tet_grid import tet_grid  # noqa: E402
+from geometry.tet_grid import tet_cell, tet_grid  # noqa: E402
 from guidance.base import IMAGE, NORMAL_MASK, StageInput  # noqa: E402
 from guidance.target_mesh import pooled_latents  # noqa: E402
 from phases.geometry import NormalStageRenderer  # noqa: E402
@@ -90,7 +90,7 @@ def grid_case(args: argparse.Namespace, grid: int, mesh: trimesh.Trimesh, scene:
     verts_np, tets_np = tet_grid(grid)
     grid_v = torch.from_numpy(verts_np) * scene.cfg.mesh_scale                 # [V, 3] world
     tets = torch.from_numpy(tets_np)                                            # [T, 4]
-    cell = scene.cfg.mesh_scale / (grid // 2)
+    cell = tet_cell(grid, scene.cfg.mesh_scale)
     start = time.perf_counter()
     signed = mesh_signed_distance(grid_v.numpy(), mesh.vertices, mesh.faces)
     cavity = np.flatnonzero(region_of(grid_v.numpy(), mesh.vertices, mesh.faces, cell, signed) == CAVITY)
